@@ -1,0 +1,210 @@
+"""Signed, hash-chained meter batches: what a metering agent ships and the API verifies.
+
+A batch holds one node's meter records for one interval (docs/ingest.md gives the HTTP
+side). It names its node, the id of the node key that signed it, its sequence number and
+the hash of the batch before it, so the batches of a node form a chain: a batch cannot be
+dropped, reordered or rewritten after the next one is signed without the chain showing it.
+The first batch of a chain has `seq` 0 and `prev_hash` null. The signature is Ed25519 over
+the RFC 8785 canonical JSON of the batch without its `signature` field; a batch's hash is the
+SHA-256 of the canonical JSON of the whole signed batch.
+
+A batch may instead carry a `gap` ({from, to, reason}): a signed admission that the records
+of that span were lost (a full disk, say), so silence is never mistaken for an outage of the
+meter's choosing. Gaps count as unmetered seconds in the settlement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gpudelivery import canonical, errors, evidence, signing, timefmt
+from gpudelivery.evidence import MeterRecord
+
+__all__ = [
+    "BATCH_FORMAT",
+    "ChainError",
+    "Gap",
+    "MeterBatch",
+    "batch_hash",
+    "check_link",
+    "parse_batch",
+    "sign_batch",
+    "verify_batch",
+    "verify_chain",
+]
+
+# The format tag of version 1 of the batch document.
+BATCH_FORMAT = "gpudelivery.meter-batch/v1"
+_FIELDS = frozenset({"format", "node", "key_id", "seq", "prev_hash", "records", "gap", "signature"})
+
+
+class ChainError(errors.GpuDeliveryError):
+    """A batch that does not continue its node's chain (a gap, a fork or a replay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Records of [start_s, end_s) were lost, for `reason`."""
+
+    start_s: int
+    end_s: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MeterBatch:
+    """A parsed batch; `document` is the signed JSON it came from."""
+
+    node: str
+    key_id: str
+    seq: int
+    prev_hash: str | None
+    records: tuple[MeterRecord, ...]
+    gap: Gap | None
+    hash: str
+    document: dict[str, Any]
+
+
+def _unsigned(document: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in document.items() if key != "signature"}
+
+
+def batch_hash(document: dict[str, Any]) -> str:
+    """Hex SHA-256 of the canonical JSON of a whole signed batch."""
+    return canonical.sha256_hex(canonical.canonical_json(document))
+
+
+def sign_batch(
+    *,
+    key: signing.SigningKey,
+    node: str,
+    seq: int,
+    prev_hash: str | None,
+    records: Sequence[dict[str, Any]],
+    gap: Gap | None = None,
+) -> dict[str, Any]:
+    """A signed batch document over `records` (JSON objects without `node`)."""
+    document: dict[str, Any] = {
+        "format": BATCH_FORMAT,
+        "node": node,
+        "key_id": key.key_id,
+        "seq": seq,
+        "prev_hash": prev_hash,
+        "records": list(records),
+    }
+    if gap is not None:
+        document["gap"] = {
+            "from": timefmt.format_utc(gap.start_s),
+            "to": timefmt.format_utc(gap.end_s),
+            "reason": gap.reason,
+        }
+    document["signature"] = key.sign(canonical.canonical_json(document))
+    parse_batch(document)
+    return document
+
+
+def _parse_gap(value: object) -> Gap | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"from", "to", "reason"}:
+        raise errors.EvidenceError("must be an object {from, to, reason}", field="gap")
+    start_s = timefmt.parse_utc(value["from"], field="gap.from")
+    end_s = timefmt.parse_utc(value["to"], field="gap.to")
+    if end_s <= start_s:
+        raise errors.EvidenceError("must be after gap.from", field="gap.to")
+    if not isinstance(value["reason"], str) or not value["reason"]:
+        raise errors.EvidenceError("must be a non-empty string", field="gap.reason")
+    return Gap(start_s, end_s, value["reason"])
+
+
+def parse_batch(document: object) -> MeterBatch:
+    """Check a batch's structure and records (not its signature)."""
+    if not isinstance(document, dict):
+        raise errors.EvidenceError("a batch must be a JSON object")
+    unknown = document.keys() - _FIELDS
+    if unknown:
+        raise errors.EvidenceError("unknown field", field=sorted(unknown)[0])
+    if document.get("format") != BATCH_FORMAT:
+        raise errors.EvidenceError(f"must be {BATCH_FORMAT!r}", field="format")
+    node, key_id, seq = document.get("node"), document.get("key_id"), document.get("seq")
+    if not isinstance(node, str) or not node:
+        raise errors.EvidenceError("must be a non-empty string", field="node")
+    if not isinstance(key_id, str) or not key_id:
+        raise errors.EvidenceError("must be a non-empty string", field="key_id")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise errors.EvidenceError("must be a whole number >= 0", field="seq")
+    prev_hash = document.get("prev_hash")
+    if prev_hash is not None and not (
+        isinstance(prev_hash, str) and len(prev_hash) == 64 and prev_hash == prev_hash.lower()
+    ):
+        raise errors.EvidenceError("must be null or a hex SHA-256", field="prev_hash")
+    if (seq == 0) != (prev_hash is None):
+        raise errors.EvidenceError("is null exactly when seq is 0", field="prev_hash")
+    raw_records = document.get("records")
+    if not isinstance(raw_records, list):
+        raise errors.EvidenceError("must be a list", field="records")
+    records = []
+    for index, raw in enumerate(raw_records):
+        try:
+            records.append(evidence.meter_record_from_json(raw, node=node))
+        except errors.InputError as exc:
+            raise errors.EvidenceError(exc.reason, field=f"records[{index}].{exc.field}") from exc
+    if not isinstance(document.get("signature"), str):
+        raise errors.EvidenceError("must be a base64 string", field="signature")
+    return MeterBatch(
+        node=node,
+        key_id=key_id,
+        seq=seq,
+        prev_hash=prev_hash,
+        records=tuple(records),
+        gap=_parse_gap(document.get("gap")),
+        hash=batch_hash(document),
+        document=document,
+    )
+
+
+def verify_batch(document: object, public_key: ed25519.Ed25519PublicKey) -> MeterBatch:
+    """Parse a batch and check that `public_key` signed it."""
+    batch = parse_batch(document)
+    expected = signing.key_id(public_key)
+    if batch.key_id != expected:
+        raise errors.SignatureError(f"batch names key {batch.key_id}, not {expected}")
+    signing.verify(
+        public_key, canonical.canonical_json(_unsigned(batch.document)), batch.document["signature"]
+    )
+    return batch
+
+
+def check_link(previous: MeterBatch | None, batch: MeterBatch) -> None:
+    """Raise `ChainError` unless `batch` directly follows `previous` (None: chain start)."""
+    if previous is None:
+        if batch.seq != 0:
+            raise ChainError(f"node {batch.node}: chain starts at seq {batch.seq}, not 0")
+        return
+    if batch.node != previous.node or batch.key_id != previous.key_id:
+        raise ChainError(f"seq {batch.seq} belongs to another node or key than seq {previous.seq}")
+    if batch.seq != previous.seq + 1:
+        raise ChainError(
+            f"node {batch.node}: seq {batch.seq} does not follow seq {previous.seq} (gap)"
+        )
+    if batch.prev_hash != previous.hash:
+        raise ChainError(
+            f"node {batch.node}: seq {batch.seq} does not link to the hash of seq "
+            f"{previous.seq} (fork)"
+        )
+
+
+def verify_chain(
+    documents: Iterable[object], public_key: ed25519.Ed25519PublicKey
+) -> list[MeterBatch]:
+    """Verify every batch's signature and that they form one chain from seq 0."""
+    chain: list[MeterBatch] = []
+    for document in documents:
+        batch = verify_batch(document, public_key)
+        check_link(chain[-1] if chain else None, batch)
+        chain.append(batch)
+    return chain

@@ -1,0 +1,214 @@
+"""The `gpudelivery` command: offline settlement, proofs, verification and keys.
+
+Each subcommand is a thin shell around the core: it reads files, calls one core function
+and prints. Machine-readable results (settlements, proofs) go to standard output as JSON;
+human messages go to standard error. Exit codes: 0 success, 1 a proof that does not
+verify, 2 bad input or usage (with a one-line reason naming the file and line).
+Later components (the API, the operator, the metering agent) add their own subcommands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from gpudelivery import accounting, errors, inputs, proof, settlement, signing, timefmt
+
+__all__ = ["app", "main"]
+
+# Exit status for a proof that was read but does not verify.
+EXIT_NOT_VERIFIED = 1
+# Exit status for bad input or usage (typer and click use 2 for usage errors too).
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(
+    name="gpudelivery",
+    help="Deliver, meter, prove and settle GPU-compute futures.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(
+    help="Ed25519 keys for signing proofs and meter batches.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+_err = Console(stderr=True, highlight=False)
+
+TermsOption = Annotated[Path, typer.Option("--terms", help="TERMS.json: the contract terms.")]
+AssignOption = Annotated[
+    Path, typer.Option("--assignments", help="ASSIGN.jsonl: the assignment ledger.")
+]
+MeterOption = Annotated[Path, typer.Option("--meter", help="METER.jsonl: the meter records.")]
+
+
+def _fail(message: str) -> NoReturn:
+    _err.print(f"gpudelivery: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _write_json(document: Any, out: Path | None) -> None:
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"{out}: cannot write: {exc.strerror}")
+
+
+def _parse_instant(value: str | None, option: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return timefmt.parse_utc(value, field=option)
+    except errors.InputError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def settle(terms: TermsOption, assignments: AssignOption, meter: MeterOption) -> None:
+    """Compute a contract's settlement (shared/SETTLEMENT.md) and print it as JSON."""
+    try:
+        contract = inputs.read_terms(terms)
+        ledger = inputs.read_assignments(assignments)
+        result = accounting.account(
+            gpu_count=contract.gpu_count,
+            contract_id=contract.contract_id,
+            window=(contract.start, contract.end),
+            assignments=ledger,
+            records=(record for _, record in inputs.iter_meter_records(meter)),
+        )
+    except inputs.InputFileError as exc:
+        _fail(str(exc))
+    figures = settlement.settle(contract, delivered_gpu_seconds=result.delivered_gpu_seconds)
+    _write_json(figures.to_json(), None)
+
+
+@app.command()
+def prove(
+    terms: TermsOption,
+    assignments: AssignOption,
+    meter: MeterOption,
+    key: Annotated[Path, typer.Option("--key", help="PEM PKCS#8 Ed25519 private key.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write here, not to stdout.")] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Count delivery up to this RFC 3339 instant (provisional)."),
+    ] = None,
+    issued_at: Annotated[
+        str | None, typer.Option("--issued-at", help="RFC 3339 issue time (default: now).")
+    ] = None,
+) -> None:
+    """Build a signed delivery proof from the ledger and the meter records."""
+    as_of_s = _parse_instant(as_of, "--as-of")
+    issued_s = _parse_instant(issued_at, "--issued-at")
+    try:
+        signing_key = signing.load_private_pem(key.read_bytes())
+    except OSError as exc:
+        _fail(f"{key}: cannot read: {exc.strerror}")
+    except errors.SignatureError as exc:
+        _fail(f"{key}: {exc}")
+    try:
+        contract = inputs.read_terms(terms)
+        ledger = inputs.read_assignments(assignments)
+        if as_of_s is not None and as_of_s < contract.start:
+            _fail("--as-of: precedes the contract window's start")
+        stream = proof.MeterRecordStream(inputs.iter_meter_records(meter))
+        document = proof.build_proof(
+            terms=contract,
+            assignments=ledger,
+            records=stream,
+            meter_evidence=stream.evidence,
+            key=signing_key,
+            issued_at_s=issued_s if issued_s is not None else int(time.time()),
+            as_of_s=as_of_s,
+        )
+    except inputs.InputFileError as exc:
+        _fail(str(exc))
+    _write_json(document, out)
+
+
+@app.command()
+def verify(
+    proof_file: Annotated[Path, typer.Argument(metavar="PROOF", help="The proof JSON file.")],
+    pubkey: Annotated[Path, typer.Option("--pubkey", help="The provider's PEM public key.")],
+    meter: Annotated[
+        Path | None,
+        typer.Option("--meter", help="METER.jsonl: also check the proof against raw records."),
+    ] = None,
+) -> None:
+    """Check a proof's signature and evidence, and recompute its settlement."""
+    try:
+        public_key = signing.load_public_pem(pubkey.read_bytes())
+    except OSError as exc:
+        _fail(f"{pubkey}: cannot read: {exc.strerror}")
+    except errors.SignatureError as exc:
+        _fail(f"{pubkey}: {exc}")
+    try:
+        document = inputs.read_json(proof_file)
+        raw_records = None if meter is None else inputs.iter_meter_records(meter)
+        outcome = proof.verify(document, public_key, meter_records=raw_records)
+    except inputs.InputFileError as exc:
+        _fail(str(exc))
+    except errors.ProofError as exc:
+        _fail(f"{proof_file}: not a delivery proof: {exc}")
+    out = Console(highlight=False)
+    if outcome.ok:
+        figures = outcome.settlement
+        out.print(
+            f"[green]verified[/]: contract {outcome.contract_id}, signed by {outcome.key_id}; "
+            f"delivered {figures['delivered_gpu_seconds']} of "
+            f"{figures['contracted_gpu_seconds']} GPU-seconds, net {figures['net']} "
+            f"{figures['currency']}"
+            + ("; checked against the meter records" if meter is not None else ""),
+            soft_wrap=True,
+        )
+        return
+    out.print(f"[red]NOT verified[/]: {proof_file}", soft_wrap=True)
+    for problem in outcome.problems:
+        out.print(f"  - {problem}", markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_NOT_VERIFIED)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the key files.")] = Path(
+        "."
+    ),
+    name: Annotated[str, typer.Option("--name", help="File stem: NAME.key and NAME.pub.")] = (
+        "gpudelivery"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Generate an Ed25519 key pair: NAME.key (PEM PKCS#8, mode 0600) and NAME.pub."""
+    private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for path in (private_path, public_path):
+        if path.exists() and not force:
+            _fail(f"{path}: already exists (use --force to replace it)")
+    key = signing.generate()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        descriptor = os.open(private_path, flags, 0o600)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(key.private_pem())
+        os.chmod(private_path, 0o600)
+        public_path.write_bytes(signing.public_pem(key.public_key))
+    except OSError as exc:
+        _fail(f"{out_dir}: cannot write keys: {exc.strerror}")
+    sys.stdout.write(f"{key.key_id}\n")
+    _err.print(f"wrote {private_path} (private, keep it secret) and {public_path}", markup=False)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,47 @@
+"""RFC 3339 UTC timestamps at the edges, integer epoch seconds inside.
+
+Every time the core computes with is an `int` of seconds since the Unix epoch, UTC: the
+settlement rules work in whole seconds, and integers make the accounting exact and fast.
+Text crossing a boundary (files, proofs, HTTP bodies) is RFC 3339 in UTC with whole seconds,
+written with a `Z` (`2026-03-03T09:00:00Z`). Offsets other than UTC and fractional seconds
+are refused rather than converted: a contract window is a legal term, and silently moving it
+is worse than failing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from gpudelivery import errors
+
+__all__ = ["format_utc", "parse_utc"]
+
+_ZERO = timedelta(0)
+
+
+def parse_utc(value: object, *, field: str) -> int:
+    """Parse an RFC 3339 UTC timestamp with whole seconds into epoch seconds."""
+    if not isinstance(value, str):
+        raise errors.InputError(
+            f"must be an RFC 3339 UTC timestamp string, got {type(value).__name__}", field=field
+        )
+    if len(value) < 20 or value[10] not in "Tt":
+        raise errors.InputError(
+            f"{value!r} is not an RFC 3339 timestamp like 2026-03-03T09:00:00Z", field=field
+        )
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise errors.InputError(
+            f"{value!r} is not an RFC 3339 timestamp like 2026-03-03T09:00:00Z", field=field
+        ) from exc
+    if parsed.tzinfo is None or parsed.utcoffset() != _ZERO:
+        raise errors.InputError(f"{value!r} is not in UTC (use a Z suffix)", field=field)
+    if parsed.microsecond:
+        raise errors.InputError(f"{value!r} has fractional seconds; use whole seconds", field=field)
+    return int(parsed.timestamp())
+
+
+def format_utc(epoch_s: int) -> str:
+    """Format epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`."""
+    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
