@@ -179,8 +179,14 @@ def _gpu_entry(gpu: GpuKey, spans: list[Span], summary: dict[str, Any]) -> dict[
 
 
 def evidence_leaves(document: Mapping[str, Any]) -> list[bytes]:
-    """The leaves of a proof's own evidence tree: each ledger line, then each GPU entry."""
-    items = [*document.get("assignments", []), *document.get("gpus", [])]
+    """The leaves of a proof's own evidence tree, in this order: the terms, the meter
+    evidence commitment, each ledger line, each GPU entry (canonical JSON each)."""
+    items = [
+        document.get("terms"),
+        document.get("meter_evidence"),
+        *document.get("assignments", []),
+        *document.get("gpus", []),
+    ]
     return [canonical.canonical_json(item) for item in items]
 
 
@@ -386,10 +392,14 @@ def verify(
     if document.get("format") != PROOF_FORMAT:
         raise errors.ProofError(f"format: must be {PROOF_FORMAT!r}")
     key_id = _check_signature(document, public_key, problems)
+    stated_terms = _need(document, "terms", dict)
     try:
-        terms = terms_module.parse_terms(_need(document, "terms", dict))
+        terms = terms_module.parse_terms(stated_terms)
     except errors.TermsError as exc:
         raise errors.ProofError(f"terms.{exc}") from exc
+    if terms.to_json() != stated_terms:
+        problems.append("terms: not in canonical form (tiers mildest first, decimals as given)")
+    _check_meter_evidence_shape(_need(document, "meter_evidence", dict), problems)
     try:
         as_of = timefmt.parse_utc(_need(document, "as_of", str), field="as_of")
     except errors.InputError as exc:
@@ -427,6 +437,21 @@ def verify(
     return Verification(
         key_id=key_id, contract_id=terms.contract_id, problems=problems, settlement=recomputed
     )
+
+
+def _check_meter_evidence_shape(stated: Mapping[str, Any], problems: list[str]) -> None:
+    if set(stated) != {"leaves", "tree_size", "root_hash"}:
+        problems.append("meter_evidence: must have exactly leaves, tree_size, root_hash")
+    if stated.get("leaves") not in (LEAVES_METER_RECORDS, LEAVES_METER_BATCHES):
+        problems.append(
+            f"meter_evidence.leaves: must be {LEAVES_METER_RECORDS!r} or {LEAVES_METER_BATCHES!r}"
+        )
+    size = stated.get("tree_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        problems.append("meter_evidence.tree_size: must be a whole number >= 0")
+    root = stated.get("root_hash")
+    if not isinstance(root, str) or len(root) != 64 or root.strip("0123456789abcdef"):
+        problems.append("meter_evidence.root_hash: must be a lower-case hex SHA-256")
 
 
 def _check_meter_evidence(

@@ -25,7 +25,7 @@ def parse_utc(value: object, *, field: str) -> int:
         raise errors.InputError(
             f"must be an RFC 3339 UTC timestamp string, got {type(value).__name__}", field=field
         )
-    if len(value) < 20 or value[10] not in "Tt":
+    if len(value) < 19 or value[10] not in "Tt":
         raise errors.InputError(
             f"{value!r} is not an RFC 3339 timestamp like 2026-03-03T09:00:00Z", field=field
         )
@@ -35,7 +35,9 @@ def parse_utc(value: object, *, field: str) -> int:
         raise errors.InputError(
             f"{value!r} is not an RFC 3339 timestamp like 2026-03-03T09:00:00Z", field=field
         ) from exc
-    if parsed.tzinfo is None or parsed.utcoffset() != _ZERO:
+    if parsed.tzinfo is None:
+        raise errors.InputError(f"{value!r} has no UTC offset (add a Z suffix)", field=field)
+    if parsed.utcoffset() != _ZERO:
         raise errors.InputError(f"{value!r} is not in UTC (use a Z suffix)", field=field)
     if parsed.microsecond:
         raise errors.InputError(f"{value!r} has fractional seconds; use whole seconds", field=field)
