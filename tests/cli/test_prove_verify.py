@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from gpudelivery import signing
 from gpudelivery.cli import app
+
 from utils import factories
 
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpudelivery.cli import app
+
 from utils import factories
 
 WORKED_FIGURES = {

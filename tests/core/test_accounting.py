@@ -6,12 +6,13 @@ import random
 
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import factories
-from utils.factories import EPOCH, G1, G2, G3, assignment, record
-from utils.strategies import SMALL, scenarios
 
 from gpudelivery import accounting
 from gpudelivery.evidence import Assignment, MeterRecord
+
+from utils import factories
+from utils.factories import EPOCH, G1, G2, G3, assignment, record
+from utils.strategies import SMALL, scenarios
 
 WINDOW = (EPOCH, EPOCH + 3600)
 

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import factories
-from utils.factories import EPOCH
-from utils.strategies import SMALL, scenarios
 
 from gpudelivery import canonical, errors, proof, signing, timefmt
 from gpudelivery.evidence import Assignment, MeterRecord
+
+from utils import factories
+from utils.factories import EPOCH
+from utils.strategies import SMALL, scenarios
 
 KEY = signing.generate()
 OTHER_KEY = signing.generate()

@@ -7,9 +7,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from utils import factories
 
 from gpudelivery import settlement
+
+from utils import factories
 
 
 def test_worked_example_figures() -> None:

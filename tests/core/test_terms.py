@@ -6,9 +6,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from utils import factories
 
 from gpudelivery import errors, terms
+
+from utils import factories
 
 
 def refusal(**overrides: Any) -> str:

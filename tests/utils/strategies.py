@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from gpudelivery.evidence import Assignment, MeterRecord
+
 from utils import factories
 from utils.factories import EPOCH
 
