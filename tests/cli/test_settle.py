@@ -15,16 +15,7 @@ from gpudelivery.cli import app
 
 from utils import factories
 
-WORKED_FIGURES = {
-    "contract_id": factories.CONTRACT_ID,
-    "contracted_gpu_seconds": 7200,
-    "delivered_gpu_seconds": 6480,
-    "availability": "0.900000",
-    "shortfall_gpu_hours": "0.200000",
-    "charge": "3.60",
-    "penalty": "1.60",
-    "net": "2.00",
-}
+WORKED_FIGURES = factories.WORKED_SETTLEMENT
 
 
 def settle(runner: CliRunner, files: factories.InputFiles) -> Any:

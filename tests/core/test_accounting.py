@@ -17,11 +17,16 @@ from utils.strategies import SMALL, scenarios
 WINDOW = (EPOCH, EPOCH + 3600)
 
 
-def delivered(assignments: list[Assignment], records: list[MeterRecord], gpu_count: int = 2) -> int:
+def delivered(
+    assignments: list[Assignment],
+    records: list[MeterRecord],
+    gpu_count: int = 2,
+    window: tuple[int, int] = WINDOW,
+) -> int:
     return accounting.account(
         gpu_count=gpu_count,
         contract_id=factories.CONTRACT_ID,
-        window=WINDOW,
+        window=window,
         assignments=assignments,
         records=records,
     ).delivered_gpu_seconds
@@ -51,26 +56,25 @@ def brute_force(
     return total
 
 
-def test_worked_example_delivers_6480_of_7200_gpu_seconds() -> None:
-    result = accounting.account(
+def account_worked_example(as_of_s: int | None = None) -> accounting.Accounting:
+    return accounting.account(
         gpu_count=2,
         contract_id=factories.CONTRACT_ID,
         window=WINDOW,
         assignments=factories.worked_assignments(),
         records=factories.worked_records(),
+        as_of_s=as_of_s,
     )
+
+
+def test_worked_example_delivers_6480_of_7200_gpu_seconds() -> None:
+    result = account_worked_example()
     assert result.contracted_gpu_seconds == 7200
     assert result.delivered_gpu_seconds == 6480
 
 
 def test_worked_example_metered_healthy_spans_cover_the_window_not_only_the_assignment() -> None:
-    result = accounting.account(
-        gpu_count=2,
-        contract_id=factories.CONTRACT_ID,
-        window=WINDOW,
-        assignments=factories.worked_assignments(),
-        records=factories.worked_records(),
-    )
+    result = account_worked_example()
     assert result.healthy == {
         G1: [(EPOCH, EPOCH + 600), (EPOCH + 720, EPOCH + 3600)],
         G2: [(EPOCH, EPOCH + 1800)],
@@ -115,14 +119,7 @@ def test_overlapping_and_duplicated_records_count_once() -> None:
 
 
 def test_provisional_accounting_counts_only_before_as_of() -> None:
-    result = accounting.account(
-        gpu_count=2,
-        contract_id=factories.CONTRACT_ID,
-        window=WINDOW,
-        assignments=factories.worked_assignments(),
-        records=factories.worked_records(),
-        as_of_s=EPOCH + 900,
-    )
+    result = account_worked_example(as_of_s=EPOCH + 900)
     assert (result.contracted_gpu_seconds, result.delivered_gpu_seconds) == (7200, 1680)
 
 
@@ -152,22 +149,12 @@ def test_subtract_and_intersect_on_known_spans() -> None:
     assert accounting.intersect(spans, [(5, 22), (29, 40)]) == [(5, 10), (20, 22), (29, 30)]
 
 
-def account_small(gpu_count: int, assignments: list[Assignment], records: list[MeterRecord]) -> int:
-    return accounting.account(
-        gpu_count=gpu_count,
-        contract_id=factories.CONTRACT_ID,
-        window=SMALL,
-        assignments=assignments,
-        records=records,
-    ).delivered_gpu_seconds
-
-
 @given(scenarios())
 def test_accounting_equals_per_second_brute_force(
     scenario: tuple[int, list[Assignment], list[MeterRecord]],
 ) -> None:
     gpu_count, assignments, records = scenario
-    assert account_small(gpu_count, assignments, records) == brute_force(
+    assert delivered(assignments, records, gpu_count, SMALL) == brute_force(
         gpu_count, SMALL, assignments, records
     )
 
@@ -177,9 +164,9 @@ def test_permuting_or_duplicating_records_changes_nothing(
     scenario: tuple[int, list[Assignment], list[MeterRecord]], rng: random.Random
 ) -> None:
     gpu_count, assignments, records = scenario
-    expected = account_small(gpu_count, assignments, records)
+    expected = delivered(assignments, records, gpu_count, SMALL)
     shuffled = records + rng.choices(records, k=len(records)) if records else []
     rng.shuffle(shuffled)
     ledger = assignments + assignments
     rng.shuffle(ledger)
-    assert account_small(gpu_count, ledger, shuffled) == expected
+    assert delivered(ledger, shuffled, gpu_count, SMALL) == expected

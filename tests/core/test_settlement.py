@@ -15,16 +15,7 @@ from utils import factories
 
 def test_worked_example_figures() -> None:
     result = settlement.settle(factories.worked_terms(), delivered_gpu_seconds=6480)
-    assert result.to_json() == {
-        "contract_id": factories.CONTRACT_ID,
-        "contracted_gpu_seconds": 7200,
-        "delivered_gpu_seconds": 6480,
-        "availability": "0.900000",
-        "shortfall_gpu_hours": "0.200000",
-        "charge": "3.60",
-        "penalty": "1.60",
-        "net": "2.00",
-    }
+    assert result.to_json() == factories.WORKED_SETTLEMENT
     assert result.tier_rate == Decimal("0.25")
 
 

@@ -22,6 +22,19 @@ G2 = ("n1", "GPU-22222222-2222-2222-2222-222222222222")
 G3 = ("n2", "GPU-33333333-3333-3333-3333-333333333333")
 
 
+# The figures SETTLEMENT.md states for its worked example, as `gpudelivery settle` prints them.
+WORKED_SETTLEMENT = {
+    "contract_id": CONTRACT_ID,
+    "contracted_gpu_seconds": 7200,
+    "delivered_gpu_seconds": 6480,
+    "availability": "0.900000",
+    "shortfall_gpu_hours": "0.200000",
+    "charge": "3.60",
+    "penalty": "1.60",
+    "net": "2.00",
+}
+
+
 def terms_json(**overrides: Any) -> dict[str, Any]:
     """The worked example's TERMS.json, with fields replaced or (value None) removed."""
     document: dict[str, Any] = {
