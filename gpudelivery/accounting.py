@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from gpudelivery.evidence import Assignment, GpuKey, MeterRecord
 
 __all__ = [
+    "Accounting",
     "Span",
     "account",
     "assigned_spans",
