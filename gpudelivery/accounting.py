@@ -17,7 +17,9 @@ starts from the spans a proof carries instead of from raw records).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import heapq
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from gpudelivery.evidence import Assignment, GpuKey, MeterRecord
@@ -32,6 +34,8 @@ __all__ = [
     "delivering_spans",
     "healthy_spans",
     "intersect",
+    "iter_intersect",
+    "iter_subtract",
     "subtract",
 ]
 
@@ -54,39 +58,48 @@ def coalesce(spans: Iterable[Span]) -> list[Span]:
     return merged
 
 
-def subtract(spans: list[Span], removed: list[Span]) -> list[Span]:
-    """`spans` minus `removed`; both coalesced, and so is the result."""
-    result: list[Span] = []
-    j = 0
+def iter_subtract(spans: Iterable[Span], removed: Iterable[Span]) -> Iterator[Span]:
+    """`spans` minus `removed`, both coalesced, streamed in order (coalesced too)."""
+    removed_iter = iter(removed)
+    cut = next(removed_iter, None)
     for start, end in spans:
-        while j < len(removed) and removed[j][1] <= start:
-            j += 1
-        k = j
         cursor = start
-        while k < len(removed) and removed[k][0] < end:
-            if removed[k][0] > cursor:
-                result.append((cursor, removed[k][0]))
-            cursor = max(cursor, removed[k][1])
-            k += 1
+        while cut is not None and cut[0] < end:
+            if cut[1] <= cursor:
+                cut = next(removed_iter, None)
+                continue
+            if cut[0] > cursor:
+                yield (cursor, cut[0])
+            cursor = cut[1]
+            if cursor >= end:
+                break
+            cut = next(removed_iter, None)
         if cursor < end:
-            result.append((cursor, end))
-    return result
+            yield (cursor, end)
 
 
-def intersect(left: list[Span], right: list[Span]) -> list[Span]:
-    """The intersection of two coalesced span lists, coalesced."""
-    result: list[Span] = []
-    i = j = 0
-    while i < len(left) and j < len(right):
-        start = max(left[i][0], right[j][0])
-        end = min(left[i][1], right[j][1])
+def iter_intersect(left: Iterable[Span], right: Iterable[Span]) -> Iterator[Span]:
+    """The intersection of two coalesced span streams, streamed in order."""
+    left_iter, right_iter = iter(left), iter(right)
+    a, b = next(left_iter, None), next(right_iter, None)
+    while a is not None and b is not None:
+        start, end = max(a[0], b[0]), min(a[1], b[1])
         if start < end:
-            result.append((start, end))
-        if left[i][1] < right[j][1]:
-            i += 1
+            yield (start, end)
+        if a[1] < b[1]:
+            a = next(left_iter, None)
         else:
-            j += 1
-    return result
+            b = next(right_iter, None)
+
+
+def subtract(spans: Iterable[Span], removed: Iterable[Span]) -> list[Span]:
+    """`spans` minus `removed`; both coalesced, and so is the result."""
+    return list(iter_subtract(spans, removed))
+
+
+def intersect(left: Iterable[Span], right: Iterable[Span]) -> list[Span]:
+    """The intersection of two coalesced span lists, coalesced."""
+    return list(iter_intersect(left, right))
 
 
 class _SpanAccumulator:
@@ -101,8 +114,9 @@ class _SpanAccumulator:
     __slots__ = ("compact_at", "ends", "in_order", "starts")
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
+        # Machine integers, 16 bytes a span: the per-GPU state of a month of meter data.
+        self.starts = array("q")
+        self.ends = array("q")
         self.in_order = True
         self.compact_at = _COMPACT_FLOOR
 
@@ -121,14 +135,20 @@ class _SpanAccumulator:
 
     def _compact(self) -> None:
         merged = self.spans()
-        self.starts = [span[0] for span in merged]
-        self.ends = [span[1] for span in merged]
+        self.starts = array("q", [span[0] for span in merged])
+        self.ends = array("q", [span[1] for span in merged])
         self.in_order = True
         self.compact_at = max(_COMPACT_FLOOR, 2 * len(merged))
 
     def spans(self) -> list[Span]:
         pairs = list(zip(self.starts, self.ends, strict=True))
         return pairs if self.in_order else coalesce(pairs)
+
+    def iter_spans(self) -> Iterator[Span]:
+        """The coalesced spans, without building a list when already in order."""
+        if self.in_order:
+            return zip(self.starts, self.ends, strict=True)
+        return iter(coalesce(zip(self.starts, self.ends, strict=True)))
 
 
 def assigned_spans(
@@ -146,14 +166,10 @@ def assigned_spans(
     return {gpu: coalesce(spans) for gpu, spans in per_gpu.items()}
 
 
-def healthy_spans(
-    records: Iterable[MeterRecord], *, window: Span, gpus: Iterable[GpuKey] | None = None
-) -> dict[GpuKey, list[Span]]:
-    """Per GPU, the coalesced spans of W that are metered with no unhealthy record.
-
-    Records outside W, or (when `gpus` is given) of other GPUs, are skipped. A GPU with
-    records but no metered-healthy second maps to an empty list.
-    """
+def _accumulate(
+    records: Iterable[MeterRecord], window: Span, gpus: Iterable[GpuKey] | None
+) -> tuple[dict[GpuKey, _SpanAccumulator], dict[GpuKey, _SpanAccumulator]]:
+    """Fold records into per-GPU (healthy records, unhealthy records) span accumulators."""
     low, high = window
     wanted = None if gpus is None else set(gpus)
     healthy: dict[GpuKey, _SpanAccumulator] = {}
@@ -171,12 +187,32 @@ def healthy_spans(
         if accumulator is None:
             accumulator = table[gpu] = _SpanAccumulator()
         accumulator.add(start, end)
-    result: dict[GpuKey, list[Span]] = {}
-    for gpu in healthy.keys() | unhealthy.keys():
-        good = healthy[gpu].spans() if gpu in healthy else []
-        bad = unhealthy[gpu].spans() if gpu in unhealthy else []
-        result[gpu] = subtract(good, bad)
-    return result
+    return healthy, unhealthy
+
+
+def _iter_healthy(
+    gpu: GpuKey,
+    healthy: Mapping[GpuKey, _SpanAccumulator],
+    unhealthy: Mapping[GpuKey, _SpanAccumulator],
+) -> Iterator[Span]:
+    good = healthy[gpu].iter_spans() if gpu in healthy else iter(())
+    bad = unhealthy[gpu].iter_spans() if gpu in unhealthy else iter(())
+    return iter_subtract(good, bad)
+
+
+def healthy_spans(
+    records: Iterable[MeterRecord], *, window: Span, gpus: Iterable[GpuKey] | None = None
+) -> dict[GpuKey, list[Span]]:
+    """Per GPU, the coalesced spans of W that are metered with no unhealthy record.
+
+    Records outside W, or (when `gpus` is given) of other GPUs, are skipped. A GPU with
+    records but no metered-healthy second maps to an empty list.
+    """
+    healthy, unhealthy = _accumulate(records, window, gpus)
+    return {
+        gpu: list(_iter_healthy(gpu, healthy, unhealthy))
+        for gpu in healthy.keys() | unhealthy.keys()
+    }
 
 
 def delivering_spans(
@@ -186,18 +222,22 @@ def delivering_spans(
     return {gpu: intersect(spans, healthy.get(gpu, [])) for gpu, spans in assigned.items()}
 
 
-def delivered_gpu_seconds(gpu_count: int, delivering: Mapping[GpuKey, list[Span]]) -> int:
-    """Sum over t of min(N, GPUs delivering t): substitutes never count past N."""
-    boundaries: list[tuple[int, int]] = []
-    for spans in delivering.values():
-        for start, end in spans:
-            boundaries.append((start, 1))
-            boundaries.append((end, -1))
-    boundaries.sort()
+def _boundaries(spans: Iterable[Span]) -> Iterator[tuple[int, int]]:
+    for start, end in spans:
+        yield (start, 1)
+        yield (end, -1)
+
+
+def delivered_gpu_seconds(gpu_count: int, delivering: Mapping[GpuKey, Iterable[Span]]) -> int:
+    """Sum over t of min(N, GPUs delivering t): substitutes never count past N.
+
+    Each GPU's spans must be coalesced and in order; they are merged lazily, so the sweep
+    holds one boundary per GPU, not every span of every GPU.
+    """
     total = 0
     active = 0
     previous = 0
-    for instant, delta in boundaries:
+    for instant, delta in heapq.merge(*(_boundaries(spans) for spans in delivering.values())):
         if active:
             total += (instant - previous) * (active if active < gpu_count else gpu_count)
         active += delta
@@ -207,12 +247,10 @@ def delivered_gpu_seconds(gpu_count: int, delivering: Mapping[GpuKey, list[Span]
 
 @dataclass(frozen=True, slots=True)
 class Accounting:
-    """What the settlement needs, and the per-GPU evidence a proof carries."""
+    """Contracted and delivered GPU-seconds of one contract."""
 
     contracted_gpu_seconds: int
     delivered_gpu_seconds: int
-    assigned: dict[GpuKey, list[Span]]
-    healthy: dict[GpuKey, list[Span]]
 
 
 def account(
@@ -227,15 +265,17 @@ def account(
     """Delivered GPU-seconds of one contract from its ledger and raw meter records.
 
     `as_of_s` counts delivery only before that instant (a provisional figure during the
-    window); contracted GPU-seconds always cover the whole window.
+    window); contracted GPU-seconds always cover the whole window. Only the per-GPU span
+    accumulators are held; spans are streamed from them into the sweep.
     """
     counted = window if as_of_s is None else (window[0], max(window[0], min(window[1], as_of_s)))
     assigned = assigned_spans(assignments, contract_id=contract_id, window=counted)
-    healthy = healthy_spans(records, window=counted, gpus=assigned.keys())
-    delivered = delivered_gpu_seconds(gpu_count, delivering_spans(assigned, healthy))
+    healthy, unhealthy = _accumulate(records, counted, assigned.keys())
+    delivering = {
+        gpu: iter_intersect(spans, _iter_healthy(gpu, healthy, unhealthy))
+        for gpu, spans in assigned.items()
+    }
     return Accounting(
         contracted_gpu_seconds=gpu_count * (window[1] - window[0]),
-        delivered_gpu_seconds=delivered,
-        assigned=assigned,
-        healthy={gpu: healthy.get(gpu, []) for gpu in assigned},
+        delivered_gpu_seconds=delivered_gpu_seconds(gpu_count, delivering),
     )

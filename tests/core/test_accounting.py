@@ -74,8 +74,8 @@ def test_worked_example_delivers_6480_of_7200_gpu_seconds() -> None:
 
 
 def test_worked_example_metered_healthy_spans_cover_the_window_not_only_the_assignment() -> None:
-    result = account_worked_example()
-    assert result.healthy == {
+    spans = accounting.healthy_spans(factories.worked_records(), window=WINDOW)
+    assert spans == {
         G1: [(EPOCH, EPOCH + 600), (EPOCH + 720, EPOCH + 3600)],
         G2: [(EPOCH, EPOCH + 1800)],
         G3: [(EPOCH, EPOCH + 3600)],
@@ -136,6 +136,15 @@ def test_unsorted_input_compacts_to_the_same_spans_as_sorted_input() -> None:
         (EPOCH + 2106, EPOCH + 2700),
         (EPOCH + 2706, EPOCH + 3300),
         (EPOCH + 3306, EPOCH + 3600),
+    ]
+
+
+def test_streamed_subtract_keeps_a_cut_that_spans_two_spans() -> None:
+    assert accounting.subtract([(0, 10), (12, 20), (30, 40)], [(5, 15), (35, 36)]) == [
+        (0, 5),
+        (15, 20),
+        (30, 35),
+        (36, 40),
     ]
 
 
