@@ -39,6 +39,8 @@ __all__ = [
 
 # The format tag of version 1 of the batch document.
 BATCH_FORMAT = "gpudelivery.meter-batch/v1"
+_HASH_HEX_DIGITS = 64
+_LOWER_HEX = "0123456789abcdef"
 _FIELDS = frozenset({"format", "node", "key_id", "seq", "prev_hash", "records", "gap", "signature"})
 
 
@@ -112,8 +114,11 @@ def _parse_gap(value: object) -> Gap | None:
         return None
     if not isinstance(value, dict) or set(value) != {"from", "to", "reason"}:
         raise errors.EvidenceError("must be an object {from, to, reason}", field="gap")
-    start_s = timefmt.parse_utc(value["from"], field="gap.from")
-    end_s = timefmt.parse_utc(value["to"], field="gap.to")
+    try:
+        start_s = timefmt.parse_utc(value["from"], field="gap.from")
+        end_s = timefmt.parse_utc(value["to"], field="gap.to")
+    except errors.InputError as exc:
+        raise errors.EvidenceError(exc.reason, field=exc.field) from exc
     if end_s <= start_s:
         raise errors.EvidenceError("must be after gap.from", field="gap.to")
     if not isinstance(value["reason"], str) or not value["reason"]:
@@ -139,7 +144,9 @@ def parse_batch(document: object) -> MeterBatch:
         raise errors.EvidenceError("must be a whole number >= 0", field="seq")
     prev_hash = document.get("prev_hash")
     if prev_hash is not None and not (
-        isinstance(prev_hash, str) and len(prev_hash) == 64 and prev_hash == prev_hash.lower()
+        isinstance(prev_hash, str)
+        and len(prev_hash) == _HASH_HEX_DIGITS
+        and not prev_hash.strip(_LOWER_HEX)
     ):
         raise errors.EvidenceError("must be null or a hex SHA-256", field="prev_hash")
     if (seq == 0) != (prev_hash is None):
@@ -152,7 +159,8 @@ def parse_batch(document: object) -> MeterBatch:
         try:
             records.append(evidence.meter_record_from_json(raw, node=node))
         except errors.InputError as exc:
-            raise errors.EvidenceError(exc.reason, field=f"records[{index}].{exc.field}") from exc
+            where = f"records[{index}]" + (f".{exc.field}" if exc.field else "")
+            raise errors.EvidenceError(exc.reason, field=where) from exc
     if not isinstance(document.get("signature"), str):
         raise errors.EvidenceError("must be a base64 string", field="signature")
     return MeterBatch(
