@@ -39,6 +39,8 @@ __all__ = [
 
 # The format tag of version 1 of the batch document.
 BATCH_FORMAT = "gpudelivery.meter-batch/v1"
+# RFC 8785 serialises numbers as IEEE doubles: larger integers would not survive.
+_MAX_JSON_INTEGER = 2**53
 _HASH_HEX_DIGITS = 64
 _LOWER_HEX = "0123456789abcdef"
 _FIELDS = frozenset({"format", "node", "key_id", "seq", "prev_hash", "records", "gap", "signature"})
@@ -126,6 +128,13 @@ def _parse_gap(value: object) -> Gap | None:
     return Gap(start_s, end_s, value["reason"])
 
 
+def _hash_or_refuse(document: dict[str, Any]) -> str:
+    try:
+        return batch_hash(document)
+    except errors.InputError as exc:  # a value RFC 8785 cannot hold: NaN, a huge integer
+        raise errors.EvidenceError(exc.reason, field="records") from exc
+
+
 def parse_batch(document: object) -> MeterBatch:
     """Check a batch's structure and records (not its signature)."""
     if not isinstance(document, dict):
@@ -140,8 +149,8 @@ def parse_batch(document: object) -> MeterBatch:
         raise errors.EvidenceError("must be a non-empty string", field="node")
     if not isinstance(key_id, str) or not key_id:
         raise errors.EvidenceError("must be a non-empty string", field="key_id")
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-        raise errors.EvidenceError("must be a whole number >= 0", field="seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < _MAX_JSON_INTEGER:
+        raise errors.EvidenceError("must be a whole number from 0 to 2^53 - 1", field="seq")
     prev_hash = document.get("prev_hash")
     if prev_hash is not None and not (
         isinstance(prev_hash, str)
@@ -170,7 +179,7 @@ def parse_batch(document: object) -> MeterBatch:
         prev_hash=prev_hash,
         records=tuple(records),
         gap=_parse_gap(document.get("gap")),
-        hash=batch_hash(document),
+        hash=_hash_or_refuse(document),
         document=document,
     )
 

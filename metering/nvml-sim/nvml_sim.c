@@ -164,8 +164,9 @@ static void apply_to(sim_gpu_t *gpu, const sim_action_t *a) {
     if (a->fields & SET_POWER) gpu->power_mw = a->power_mw;
     if (a->fields & SET_TEMPERATURE) gpu->temperature_c = a->temperature_c;
     if (a->fields & DO_LOST) gpu->lost = 1;
-    if (a->fields & DO_RESET) {
+    if (a->fields & DO_RESET) { /* as a real reset: found again, counters and processes cleared */
         gpu->lost = 0;
+        gpu->energy_mj = 0;
         gpu->process_count = 0;
         gpu->remap_pending = 0;
     }

@@ -447,14 +447,27 @@ MALFORMED = [
     pytest.param(edited(node=""), "node: must be a non-empty string", id="empty node"),
     pytest.param(without("node"), "node: must be a non-empty string", id="no node"),
     pytest.param(edited(key_id=7), "key_id: must be a non-empty string", id="key_id not a string"),
-    pytest.param(edited(seq=-1), "seq: must be a whole number >= 0", id="negative seq"),
-    pytest.param(edited(seq=True), "seq: must be a whole number >= 0", id="seq true"),
     pytest.param(
-        edited(seq=False, prev_hash=None), "seq: must be a whole number >= 0", id="seq false"
+        edited(seq=-1), "seq: must be a whole number from 0 to 2^53 - 1", id="negative seq"
     ),
-    pytest.param(edited(seq=1.0), "seq: must be a whole number >= 0", id="seq a float"),
-    pytest.param(edited(seq="1"), "seq: must be a whole number >= 0", id="seq a string"),
-    pytest.param(without("seq"), "seq: must be a whole number >= 0", id="no seq"),
+    pytest.param(
+        edited(seq=2**53, prev_hash="0" * 64),
+        "seq: must be a whole number from 0 to 2^53 - 1",
+        id="seq beyond JSON integers",
+    ),
+    pytest.param(edited(seq=True), "seq: must be a whole number from 0 to 2^53 - 1", id="seq true"),
+    pytest.param(
+        edited(seq=False, prev_hash=None),
+        "seq: must be a whole number from 0 to 2^53 - 1",
+        id="seq false",
+    ),
+    pytest.param(
+        edited(seq=1.0), "seq: must be a whole number from 0 to 2^53 - 1", id="seq a float"
+    ),
+    pytest.param(
+        edited(seq="1"), "seq: must be a whole number from 0 to 2^53 - 1", id="seq a string"
+    ),
+    pytest.param(without("seq"), "seq: must be a whole number from 0 to 2^53 - 1", id="no seq"),
     pytest.param(
         edited(seq=0), "prev_hash: is null exactly when seq is 0", id="seq 0 with a prev_hash"
     ),
@@ -684,3 +697,11 @@ def test_the_examples_in_the_format_documentation_verify_and_link() -> None:
         example_key.sign(rfc8785.dumps({n: v for n, v in d.items() if n != "signature"}))
         for d in documents
     ] == [d["signature"] for d in documents]
+
+
+def test_a_value_canonical_json_cannot_hold_is_refused_naming_records() -> None:
+    document = copy.deepcopy(chain(1)[0])
+    document["records"][0]["temperature_c"] = float("nan")
+    with pytest.raises(errors.EvidenceError) as caught:
+        batches.parse_batch(document)
+    assert str(caught.value).startswith("records: cannot be canonicalised as JSON")

@@ -1,0 +1,104 @@
+"""Meter records: one per GPU per sampling interval, from consecutive readings.
+
+A record covers the half-open interval [t0, t1) between two sampling rounds and carries what
+was measured at t1: utilization, memory, power, temperature; the deltas of the driver's
+counters over the interval (energy, ECC errors); the XIDs seen during it; the pods using the
+GPU; and `healthy` with the reasons when it is not (metering.health).
+
+Stale data is never repeated as fresh: a GPU that cannot be read yields an unhealthy record
+with no measurements, and when sampling stalled (the gap since the last round exceeds
+`max_interval_s`) the record claims only the last `interval_s` seconds, leaving the rest
+unmetered, which the settlement counts as not delivered. An energy counter that goes
+backwards means the GPU was reset: the delta restarts from zero and critical XIDs clear.
+
+The record format is the meter record of docs/meter-batch.md (without `node`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gpudelivery import timefmt
+from gpudelivery.metering import health
+from gpudelivery.metering.readings import GpuReading
+
+__all__ = ["GpuRecorder"]
+
+
+def _delta(current: int | None, previous: int | None) -> int | None:
+    if current is None or previous is None or current < previous:
+        return None
+    return current - previous
+
+
+class GpuRecorder:
+    """Turns one GPU's readings (and XIDs) into interval records."""
+
+    def __init__(self, uuid: str, *, interval_s: int, max_interval_s: int) -> None:
+        if not 0 < interval_s <= max_interval_s:
+            raise ValueError("need 0 < interval_s <= max_interval_s")
+        self.uuid = uuid
+        self.interval_s = interval_s
+        self.max_interval_s = max_interval_s
+        self.tracker = health.HealthTracker()
+        self._previous: GpuReading | None = None
+        self._xids: list[int] = []
+
+    def observe_xid(self, code: int) -> None:
+        """An XID arrived from the driver (event thread); it belongs to the current interval."""
+        self._xids.append(code)
+        self.tracker.observe_xid(code)
+
+    def record(self, reading: GpuReading, *, pods: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The record for the interval ending at `reading`, or None for the first reading."""
+        previous, self._previous = self._previous, reading
+        if previous is None or reading.at_s <= previous.at_s:
+            return None
+        t1 = reading.at_s
+        stalled = t1 - previous.at_s > self.max_interval_s
+        t0 = t1 - self.interval_s if stalled else previous.at_s
+        xids, self._xids = self._xids, []
+        energy = None
+        if reading.energy_mj is not None and previous.energy_mj is not None:
+            if reading.energy_mj < previous.energy_mj:
+                self.tracker.observe_reset()
+                energy = None if stalled else reading.energy_mj
+            elif not stalled:
+                energy = reading.energy_mj - previous.energy_mj
+        verdict = self.tracker.judge(
+            error=reading.error,
+            lost=reading.lost,
+            remap_pending=reading.remap_pending,
+            remap_failed=reading.remap_failed,
+        )
+        record: dict[str, Any] = {
+            "gpu_uuid": self.uuid,
+            "t0": timefmt.format_utc(t0),
+            "t1": timefmt.format_utc(t1),
+            "healthy": verdict.healthy,
+        }
+        if not verdict.healthy:
+            record["reasons"] = list(verdict.reasons)
+        record["xids"] = xids
+        if reading.readable:
+            measured = {
+                "utilization_gpu_pct": reading.utilization_gpu_pct,
+                "utilization_memory_pct": reading.utilization_memory_pct,
+                "memory_used_bytes": reading.memory_used_bytes,
+                "power_mw": reading.power_mw,
+                "energy_mj": energy,
+                "temperature_c": reading.temperature_c,
+                "ecc_corrected": None
+                if stalled
+                else _delta(reading.ecc_corrected, previous.ecc_corrected),
+                "ecc_uncorrected": None
+                if stalled
+                else _delta(reading.ecc_uncorrected, previous.ecc_uncorrected),
+                "remapped_rows": None
+                if reading.remapped_correctable is None or reading.remapped_uncorrectable is None
+                else reading.remapped_correctable + reading.remapped_uncorrectable,
+            }
+            record.update({name: value for name, value in measured.items() if value is not None})
+            record["pods"] = sorted(pods)
+        return record
