@@ -1,0 +1,151 @@
+"""Interval records from consecutive readings: deltas, stalls, resets and unreadable GPUs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpudelivery.metering.readings import GpuReading
+from gpudelivery.metering.records import GpuRecorder
+
+from utils.factories import EPOCH
+
+UUID = "GPU-aaaa"
+
+
+def reading(second: int, **fields: Any) -> GpuReading:
+    values: dict[str, Any] = {
+        "utilization_gpu_pct": 97,
+        "utilization_memory_pct": 60,
+        "memory_used_bytes": 2**36,
+        "power_mw": 650_000,
+        "energy_mj": 650_000 * second,
+        "temperature_c": 64,
+        "ecc_corrected": 3,
+        "ecc_uncorrected": 0,
+        "remapped_correctable": 0,
+        "remapped_uncorrectable": 0,
+    }
+    values.update(fields)
+    return GpuReading(UUID, EPOCH + second, **values)
+
+
+def recorder() -> GpuRecorder:
+    return GpuRecorder(UUID, interval_s=1, max_interval_s=3)
+
+
+def test_the_first_reading_only_sets_the_baseline() -> None:
+    assert recorder().record(reading(0)) is None
+
+
+def test_a_record_covers_the_interval_between_readings_with_counter_deltas() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    assert meter.record(reading(1, ecc_corrected=5), pods=["b/y", "a/x"]) == {
+        "gpu_uuid": UUID,
+        "t0": "2026-03-03T00:00:00Z",
+        "t1": "2026-03-03T00:00:01Z",
+        "healthy": True,
+        "xids": [],
+        "utilization_gpu_pct": 97,
+        "utilization_memory_pct": 60,
+        "memory_used_bytes": 2**36,
+        "power_mw": 650_000,
+        "energy_mj": 650_000,
+        "temperature_c": 64,
+        "ecc_corrected": 2,
+        "ecc_uncorrected": 0,
+        "remapped_rows": 0,
+        "pods": ["a/x", "b/y"],
+    }
+
+
+def test_an_xid_belongs_to_the_interval_it_arrived_in_and_a_critical_one_sticks() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    meter.observe_xid(13)
+    meter.observe_xid(79)
+    first = meter.record(reading(1))
+    second = meter.record(reading(2))
+    assert first is not None
+    assert second is not None
+    assert (first["xids"], first["healthy"], first["reasons"]) == (
+        [13, 79],
+        False,
+        ["critical XID 79 since the last reset"],
+    )
+    assert (second["xids"], second["healthy"]) == ([], False)
+
+
+def test_an_energy_counter_going_backwards_is_a_reset_that_clears_critical_xids() -> None:
+    meter = recorder()
+    meter.record(reading(10))
+    meter.observe_xid(79)
+    assert meter.record(reading(11))["healthy"] is False  # type: ignore[index]
+    after_reset = meter.record(reading(12, energy_mj=400_000))
+    assert after_reset is not None
+    assert (after_reset["healthy"], after_reset["energy_mj"]) == (True, 400_000)
+
+
+def test_a_stall_claims_only_the_last_interval_and_no_deltas() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    record = meter.record(reading(60, ecc_corrected=9))
+    assert record is not None
+    assert (record["t0"], record["t1"]) == ("2026-03-03T00:00:59Z", "2026-03-03T00:01:00Z")
+    assert "energy_mj" not in record
+    assert "ecc_corrected" not in record
+
+
+def test_an_unreadable_gpu_yields_an_unhealthy_record_without_measurements() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    record = meter.record(GpuReading(UUID, EPOCH + 1, error="Unknown Error"), pods=["a/x"])
+    assert record == {
+        "gpu_uuid": UUID,
+        "t0": "2026-03-03T00:00:00Z",
+        "t1": "2026-03-03T00:00:01Z",
+        "healthy": False,
+        "reasons": ["NVML does not answer: Unknown Error"],
+        "xids": [],
+    }
+
+
+def test_energy_after_an_unreadable_round_restarts_from_the_next_good_pair() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    meter.record(GpuReading(UUID, EPOCH + 1, error="Unknown Error"))
+    after = meter.record(reading(2))
+    again = meter.record(reading(3))
+    assert after is not None
+    assert again is not None
+    assert "energy_mj" not in after
+    assert again["energy_mj"] == 650_000
+
+
+def test_a_lost_gpu_is_unhealthy() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    record = meter.record(GpuReading(UUID, EPOCH + 1, error="GPU is lost", lost=True))
+    assert record is not None
+    assert record["reasons"] == ["GPU fallen off the bus (GPU_IS_LOST)"]
+
+
+def test_a_pending_row_remap_is_unhealthy() -> None:
+    meter = recorder()
+    meter.record(reading(0))
+    record = meter.record(reading(1, remap_pending=True, remapped_uncorrectable=1))
+    assert record is not None
+    assert (record["healthy"], record["remapped_rows"]) == (False, 1)
+
+
+def test_a_reading_that_does_not_move_forward_makes_no_record() -> None:
+    meter = recorder()
+    meter.record(reading(5))
+    assert meter.record(reading(5)) is None
+
+
+def test_interval_bounds_are_checked() -> None:
+    with pytest.raises(ValueError, match="need 0 < interval_s <= max_interval_s"):
+        GpuRecorder(UUID, interval_s=5, max_interval_s=2)
