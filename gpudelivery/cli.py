@@ -209,6 +209,39 @@ def keys_generate(
     _err.print(f"wrote {private_path} (private, keep it secret) and {public_path}", markup=False)
 
 
+@app.command()
+def meter(
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one sampling round as JSON lines and exit.")
+    ] = False,
+    interval_s: Annotated[
+        int, typer.Option("--interval", min=1, max=60, help="Seconds between rounds.")
+    ] = 1,
+) -> None:
+    """The metering agent. With --once: sample every GPU over one interval and print the
+    records, one JSON line per GPU, to check a node by hand."""
+    # Imported here, so that the offline commands never load NVML.
+    from gpudelivery.metering import errors as metering_errors
+    from gpudelivery.metering import nvml, sampling
+
+    if not once:
+        _fail("the long-running agent is not built yet (issue 3); use --once")
+    try:
+        source = nvml.PynvmlSource()
+    except metering_errors.NvmlUnavailableError as exc:
+        _fail(str(exc))
+    try:
+        sampler = sampling.Sampler(source, interval_s=interval_s, max_interval_s=2 * interval_s)
+        start_s = int(time.time()) + 1
+        for at_s in (start_s, start_s + interval_s):
+            time.sleep(max(0.0, at_s - time.time()))
+            records = sampler.round(at_s)
+        for record in records:
+            sys.stdout.write(json.dumps(record, sort_keys=False) + "\n")
+    finally:
+        source.close()
+
+
 def main() -> None:
     """Console entry point."""
     app()

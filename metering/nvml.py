@@ -1,0 +1,146 @@
+"""NVML behind one small interface: the only module that talks to pynvml.
+
+`GpuSource` is what the sampler needs from a node's GPUs: their UUIDs, one reading per GPU
+per round, and the XIDs the driver reports. `PynvmlSource` implements it with the real
+nvidia-ml-py; the tests run it against metering/nvml-sim, never against a mock of pynvml.
+
+A reading never raises for one GPU's trouble: an NVML error on a GPU becomes a reading with
+`error` set (and `lost` for GPU_IS_LOST), because one broken GPU must not stop the node's
+metering. A field the driver does not support (NOT_SUPPORTED) is simply None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import pynvml
+
+from gpudelivery.metering import errors
+from gpudelivery.metering.readings import GpuReading
+
+__all__ = ["GpuSource", "PynvmlSource", "XidEvent"]
+
+_T = TypeVar("_T")
+# How long one wait for an XID may block: short, so the event thread notices a shutdown.
+XID_WAIT_MS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    """The driver reported XID `code` on GPU `uuid`."""
+
+    uuid: str
+    code: int
+
+
+class GpuSource(Protocol):
+    """A node's GPUs, as the sampler sees them."""
+
+    def uuids(self) -> Sequence[str]:
+        """The GPUs' UUIDs, in NVML index order."""
+
+    def read(self, index: int, *, at_s: int) -> GpuReading:
+        """One reading of GPU `index`, stamped with the whole second `at_s`."""
+
+    def wait_xid(self, timeout_ms: int) -> XidEvent | None:
+        """The next XID, or None when none arrives within the timeout."""
+
+    def close(self) -> None:
+        """Release the driver."""
+
+
+class PynvmlSource:
+    """`GpuSource` over nvidia-ml-py: one nvmlInit for the life of the process."""
+
+    def __init__(self) -> None:
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            self._uuids = [pynvml.nvmlDeviceGetUUID(handle) for handle in self._handles]
+            self._events = pynvml.nvmlEventSetCreate()
+        except pynvml.NVMLError as exc:
+            raise errors.NvmlUnavailableError(f"NVML is not available: {exc}") from exc
+        for handle in self._handles:
+            try:
+                pynvml.nvmlDeviceRegisterEvents(
+                    handle, pynvml.nvmlEventTypeXidCriticalError, self._events
+                )
+            except pynvml.NVMLError:
+                continue  # a lost GPU registers nothing; its readings will say why
+
+    def uuids(self) -> Sequence[str]:
+        return tuple(self._uuids)
+
+    def read(self, index: int, *, at_s: int) -> GpuReading:
+        handle = self._handles[index]
+        uuid = self._uuids[index]
+        try:
+            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            power_mw = pynvml.nvmlDeviceGetPowerUsage(handle)
+            energy = _optional(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)
+            temperature = _optional(
+                pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU
+            )
+            corrected = _optional(
+                pynvml.nvmlDeviceGetTotalEccErrors,
+                handle,
+                pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                pynvml.NVML_VOLATILE_ECC,
+            )
+            uncorrected = _optional(
+                pynvml.nvmlDeviceGetTotalEccErrors,
+                handle,
+                pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                pynvml.NVML_VOLATILE_ECC,
+            )
+            remapped = _optional(pynvml.nvmlDeviceGetRemappedRows, handle)
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except pynvml.NVMLError as exc:
+            return GpuReading(
+                uuid, at_s, error=str(exc), lost=isinstance(exc, pynvml.NVMLError_GpuIsLost)
+            )
+        correctable, uncorrectable, pending, failed = remapped or (None, None, 0, 0)
+        return GpuReading(
+            uuid,
+            at_s,
+            utilization_gpu_pct=rates.gpu,
+            utilization_memory_pct=rates.memory,
+            memory_used_bytes=memory.used,
+            power_mw=power_mw,
+            energy_mj=energy,
+            temperature_c=temperature,
+            ecc_corrected=corrected,
+            ecc_uncorrected=uncorrected,
+            remapped_correctable=correctable,
+            remapped_uncorrectable=uncorrectable,
+            remap_pending=bool(pending),
+            remap_failed=bool(failed),
+            pids=tuple(sorted(process.pid for process in processes)),
+        )
+
+    def wait_xid(self, timeout_ms: int) -> XidEvent | None:
+        try:
+            data = pynvml.nvmlEventSetWait_v2(self._events, timeout_ms)
+        except pynvml.NVMLError_Timeout:
+            return None
+        except pynvml.NVMLError as exc:
+            raise errors.MeteringError(f"waiting for NVML events failed: {exc}") from exc
+        return XidEvent(uuid=pynvml.nvmlDeviceGetUUID(data.device), code=int(data.eventData))
+
+    def close(self) -> None:
+        try:
+            pynvml.nvmlEventSetFree(self._events)
+        finally:
+            pynvml.nvmlShutdown()
+
+
+def _optional(call: Callable[..., _T], *args: object) -> _T | None:
+    """A value the driver may not support: NOT_SUPPORTED is None, other errors raise."""
+    try:
+        return call(*args)
+    except pynvml.NVMLError_NotSupported:
+        return None

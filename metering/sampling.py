@@ -1,0 +1,73 @@
+"""Sampling rounds: every GPU read once per interval, XIDs taken as the driver sends them.
+
+The `Sampler` owns one `GpuRecorder` per GPU. `round(at_s)` reads every GPU through the
+`GpuSource` and returns the interval records that round closes; `pump_xids` (run on its
+own thread by the agent) waits on the driver's event set and hands each XID to its GPU's
+recorder, so every XID is recorded in the interval it happened in, not only the last one.
+Attribution of GPUs to pods is a pluggable `PodAttribution`; without one, records name no
+pods.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from gpudelivery.metering import nvml
+from gpudelivery.metering.records import GpuRecorder
+
+__all__ = ["PodAttribution", "Sampler"]
+
+
+class PodAttribution(Protocol):
+    """Which pods use a GPU: `namespace/name` strings."""
+
+    def pods_for(self, uuid: str, pids: Sequence[int]) -> Sequence[str]: ...
+
+
+class Sampler:
+    """One node's GPUs, sampled in rounds."""
+
+    def __init__(
+        self,
+        source: nvml.GpuSource,
+        *,
+        interval_s: int,
+        max_interval_s: int,
+        pods: PodAttribution | None = None,
+    ) -> None:
+        self.source = source
+        self.pods = pods
+        self.uuids = tuple(source.uuids())
+        self._recorders = {
+            uuid: GpuRecorder(uuid, interval_s=interval_s, max_interval_s=max_interval_s)
+            for uuid in self.uuids
+        }
+        self._lock = threading.Lock()
+
+    def round(self, at_s: int) -> list[dict[str, Any]]:
+        """Read every GPU at `at_s`; the records of the interval this round closes."""
+        records = []
+        for index, uuid in enumerate(self.uuids):
+            reading = self.source.read(index, at_s=at_s)
+            pods = self.pods.pods_for(uuid, reading.pids) if self.pods and reading.readable else ()
+            with self._lock:
+                record = self._recorders[uuid].record(reading, pods=pods)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def observe_xid(self, event: nvml.XidEvent) -> None:
+        recorder = self._recorders.get(event.uuid)
+        if recorder is not None:
+            with self._lock:
+                recorder.observe_xid(event.code)
+
+    def pump_xids(self, stop: threading.Event | Callable[[], bool]) -> None:
+        """Wait for XIDs until `stop` is set, handing each to its GPU's recorder."""
+        stopped = stop.is_set if isinstance(stop, threading.Event) else stop
+        while not stopped():
+            event = self.source.wait_xid(nvml.XID_WAIT_MS)
+            if event is not None:
+                self.observe_xid(event)
