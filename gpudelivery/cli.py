@@ -215,17 +215,20 @@ def meter(
         bool, typer.Option("--once", help="Print one sampling round as JSON lines and exit.")
     ] = False,
     interval_s: Annotated[
-        int, typer.Option("--interval", min=1, max=60, help="Seconds between rounds.")
+        int, typer.Option("--interval", min=1, max=60, help="With --once: seconds sampled.")
     ] = 1,
 ) -> None:
-    """The metering agent. With --once: sample every GPU over one interval and print the
-    records, one JSON line per GPU, to check a node by hand."""
+    """The metering agent (configured by GPUDELIVERY_METER_* variables; see the README).
+
+    With --once: sample every GPU over one interval, print the records, one JSON line per
+    GPU, and exit, to check a node by hand."""
     # Imported here, so that the offline commands never load NVML.
     from gpudelivery.metering import errors as metering_errors
     from gpudelivery.metering import nvml, sampling
 
     if not once:
-        _fail("the long-running agent is not built yet (issue 3); use --once")
+        _run_agent()
+        return
     try:
         source = nvml.PynvmlSource()
     except metering_errors.NvmlUnavailableError as exc:
@@ -240,6 +243,37 @@ def meter(
             sys.stdout.write(json.dumps(record, sort_keys=False) + "\n")
     finally:
         source.close()
+
+
+def _run_agent() -> None:
+    # Imported here, so that the offline commands never load NVML.
+    import logging
+    import signal
+    import threading
+
+    import pydantic
+
+    from gpudelivery.metering import agent
+    from gpudelivery.metering import errors as metering_errors
+    from gpudelivery.metering.settings import MeterSettings
+
+    try:
+        settings = MeterSettings()  # type: ignore[call-arg]  # node_name comes from the environment
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        _fail(f"GPUDELIVERY_METER_{where.upper().replace('.', '__')}: {first['msg']}")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s node=" + settings.node_name + " %(message)s",
+    )
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        agent.Agent(settings).run(stop)
+    except metering_errors.MeteringError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

@@ -44,15 +44,35 @@ class GpuRecorder:
         self.tracker = health.HealthTracker()
         self._previous: GpuReading | None = None
         self._xids: list[int] = []
+        self.last_reading: GpuReading | None = None
+        self.last_verdict: health.Verdict | None = None
+        self.xid_counts: dict[int, int] = {}
 
     def observe_xid(self, code: int) -> None:
         """An XID arrived from the driver (event thread); it belongs to the current interval."""
         self._xids.append(code)
+        self.xid_counts[code] = self.xid_counts.get(code, 0) + 1
         self.tracker.observe_xid(code)
 
     def record(self, reading: GpuReading, *, pods: Sequence[str] = ()) -> dict[str, Any] | None:
         """The record for the interval ending at `reading`, or None for the first reading."""
         previous, self._previous = self._previous, reading
+        self.last_reading = reading
+        reset = (
+            previous is not None
+            and reading.energy_mj is not None
+            and previous.energy_mj is not None
+            and reading.energy_mj < previous.energy_mj
+        )
+        if reset:
+            self.tracker.observe_reset()
+        verdict = self.tracker.judge(
+            error=reading.error,
+            lost=reading.lost,
+            remap_pending=reading.remap_pending,
+            remap_failed=reading.remap_failed,
+        )
+        self.last_verdict = verdict
         if previous is None or reading.at_s <= previous.at_s:
             return None
         t1 = reading.at_s
@@ -60,18 +80,8 @@ class GpuRecorder:
         t0 = t1 - self.interval_s if stalled else previous.at_s
         xids, self._xids = self._xids, []
         energy = None
-        if reading.energy_mj is not None and previous.energy_mj is not None:
-            if reading.energy_mj < previous.energy_mj:
-                self.tracker.observe_reset()
-                energy = None if stalled else reading.energy_mj
-            elif not stalled:
-                energy = reading.energy_mj - previous.energy_mj
-        verdict = self.tracker.judge(
-            error=reading.error,
-            lost=reading.lost,
-            remap_pending=reading.remap_pending,
-            remap_failed=reading.remap_failed,
-        )
+        if reading.energy_mj is not None and previous.energy_mj is not None and not stalled:
+            energy = reading.energy_mj if reset else reading.energy_mj - previous.energy_mj
         record: dict[str, Any] = {
             "gpu_uuid": self.uuid,
             "t0": timefmt.format_utc(t0),

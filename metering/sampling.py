@@ -58,6 +58,11 @@ class Sampler:
                 records.append(record)
         return records
 
+    @property
+    def recorders(self) -> tuple[GpuRecorder, ...]:
+        """Each GPU's recorder, in index order (their last readings feed the metrics)."""
+        return tuple(self._recorders[uuid] for uuid in self.uuids)
+
     def observe_xid(self, event: nvml.XidEvent) -> None:
         recorder = self._recorders.get(event.uuid)
         if recorder is not None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,19 +15,11 @@ from gpudelivery import batches, signing, timefmt
 from gpudelivery.metering import shipping, spool
 
 from utils.factories import EPOCH
+from utils.polling import poll
 from utils.receiver import IngestDouble
 
 KEY = signing.generate()
 NODE = "gpu-node-7"
-
-
-def poll(condition: Callable[[], bool], *, deadline_s: float = 10.0) -> None:
-    """Wait until `condition()` holds, failing after the deadline (no fixed sleeps)."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.01)
 
 
 @pytest.fixture

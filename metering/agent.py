@@ -1,0 +1,157 @@
+"""The metering agent's main loop: sample, batch, sign, spool, ship, serve metrics.
+
+One process per GPU node (the DaemonSet), one nvmlInit for its whole life. Rounds run on
+whole wall-clock seconds, every `sampling.interval_s`; the records of each
+`sampling.batch_interval_s` are signed into one batch and spooled durably; a shipping
+thread sends the spool to the API; an event thread records every XID as it comes; an HTTP
+thread serves /metrics and /healthz. A stop request (SIGTERM) spools the partial batch
+before the process ends; a `kill -9` loses at most the unspooled part of the current batch,
+and the chain continues from the spool on restart.
+
+Not here yet (issue 3): publishing the Node condition GPUHealthy, pod attribution through
+the kubelet pod-resources API, and key registration with the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from gpudelivery.metering import errors, keys, metrics, nvml, sampling, shipping, spool
+from gpudelivery.metering.settings import MeterSettings
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+
+SPOOL_NAME = "spool.sqlite3"
+
+
+class Agent:
+    """Runs the metering of one node until stopped."""
+
+    def __init__(
+        self,
+        settings: MeterSettings,
+        *,
+        source_factory: Callable[[], nvml.GpuSource] = nvml.PynvmlSource,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.clock = clock
+        self.state = metrics.AgentState()
+        self.key = keys.load_or_create(settings.spool.state_dir)
+        self.spool = spool.Spool(
+            settings.spool.state_dir / SPOOL_NAME,
+            node=settings.node_name,
+            key=self.key,
+            max_bytes=settings.spool.max_bytes,
+        )
+        self.source = source_factory()
+        interval_s = settings.sampling.interval_s
+        self.sampler = sampling.Sampler(
+            self.source,
+            interval_s=interval_s,
+            max_interval_s=interval_s * settings.sampling.max_gap_rounds,
+        )
+        self.shipper: shipping.Shipper | None = None
+        if settings.shipping.api_url is not None:
+            client = httpx.Client(
+                base_url=str(settings.shipping.api_url).rstrip("/"),
+                timeout=settings.shipping.timeout_s,
+            )
+            self.shipper = shipping.Shipper(
+                self.spool, client=client, batch_limit=settings.shipping.batch_limit
+            )
+        self.registry.register(
+            metrics.MeterCollector(
+                node=settings.node_name,
+                sampler=self.sampler,
+                store=self.spool,
+                state=self.state,
+                shipper=self.shipper,
+            )
+        )
+        self.server: Any = None
+
+    def healthy(self) -> tuple[bool, str]:
+        """Fresh samples, or why not (for /healthz)."""
+        last = self.state.last_round_at_s
+        limit = self.settings.server.stale_after_s
+        if last is None:
+            started = self.clock() - self.state.started_at_s
+            return (started <= limit, "starting" if started <= limit else "no sampling round yet")
+        age = self.clock() - last
+        if age > limit:
+            return False, f"last sampling round {age:.0f} s ago (limit {limit} s)"
+        return True, "ok"
+
+    def run(self, stop: threading.Event) -> None:
+        """Meter until `stop` is set; then spool what was sampled and release everything."""
+        server = self.settings.server
+        self.server = metrics.serve(
+            self.registry, host=server.host, port=server.port, healthy=self.healthy
+        )
+        threads = [threading.Thread(target=self.sampler.pump_xids, args=(stop,), name="meter-xids")]
+        if self.shipper is not None:
+            threads.append(
+                threading.Thread(target=self.shipper.run, args=(stop,), name="meter-ship")
+            )
+        for thread in threads:
+            thread.start()
+        logger.info(
+            "metering node %s: %d GPUs, key %s",
+            self.settings.node_name,
+            len(self.sampler.uuids),
+            self.key.key_id,
+        )
+        try:
+            self._loop(stop)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            self.server.shutdown()
+            self.server.server_close()
+            self.source.close()
+            self.spool.close()
+
+    def _loop(self, stop: threading.Event) -> None:
+        interval_s = self.settings.sampling.interval_s
+        batch_s = self.settings.sampling.batch_interval_s
+        pending: list[dict[str, Any]] = []
+        batch_start: int | None = None
+        at_s = (int(self.clock()) // interval_s + 1) * interval_s
+        while True:
+            if stop.wait(max(0.0, at_s - self.clock())):
+                break
+            started = self.clock()
+            try:
+                pending.extend(self.sampler.round(at_s))
+            except errors.MeteringError:
+                self.state.sample_errors += 1
+                logger.exception("sampling round at %d failed", at_s)
+            self.state.last_round_at_s = self.clock()
+            self.state.last_round_duration_s = self.state.last_round_at_s - started
+            if batch_start is None:
+                batch_start = at_s
+            if at_s - batch_start >= batch_s:
+                self._spool(pending, (batch_start, at_s))
+                pending, batch_start = [], at_s
+            # The next whole round after now: a stalled loop skips rounds, never bunches them.
+            at_s = max(at_s + interval_s, (int(self.clock()) // interval_s + 1) * interval_s)
+        if pending and batch_start is not None:
+            self._spool(pending, (batch_start, at_s - interval_s))
+
+    def _spool(self, records: list[dict[str, Any]], span: tuple[int, int]) -> None:
+        if self.spool.append(records, span=span) is None:
+            self.state.lost_spans += 1
+            logger.error("spool full: records of %d..%d lost (a gap marker will say so)", *span)

@@ -1,0 +1,171 @@
+"""The metering agent as a process: on the simulated driver, shipping to the ingest double."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpudelivery import batches
+from gpudelivery.metering import keys, spool
+
+from utils.nvml import SCENARIOS
+from utils.polling import poll
+from utils.receiver import IngestDouble, free_port
+
+NODE = "gpu-node-7"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def environment(nvml_sim_dir: Path, state_dir: Path, **settings: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(nvml_sim_dir),
+        "GPUDELIVERY_NVML_SCENARIO": str(SCENARIOS / "h100x8.yaml"),
+        "GPUDELIVERY_NVML_EPOCH": repr(time.time() - 20),
+        "GPUDELIVERY_METER_NODE_NAME": NODE,
+        "GPUDELIVERY_METER_SPOOL__STATE_DIR": str(state_dir),
+        "GPUDELIVERY_METER_SAMPLING__BATCH_INTERVAL_S": "1",
+        "GPUDELIVERY_METER_SERVER__HOST": "127.0.0.1",
+        "GPUDELIVERY_METER_SERVER__PORT": "0",
+    }
+    env.update({f"GPUDELIVERY_METER_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+@pytest.fixture
+def start_agent() -> Iterator[Callable[[dict[str, str]], subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(env: dict[str, str]) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gpudelivery", "meter"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def stored(receiver: IngestDouble, key_id: str) -> list[int]:
+    return [document["seq"] for document in receiver.stored.get((NODE, key_id), [])]
+
+
+def test_kill_9_and_restart_lose_and_duplicate_nothing(
+    nvml_sim_dir: Path,
+    state_dir: Path,
+    start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
+) -> None:
+    key = keys.load_or_create(state_dir)
+    receiver = IngestDouble([key.public_key])
+    receiver.start()
+    try:
+        env = environment(nvml_sim_dir, state_dir, shipping__api_url=receiver.url)
+        first = start_agent(env)
+        poll(lambda: len(stored(receiver, key.key_id)) >= 3)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        before_restart = len(stored(receiver, key.key_id))
+        second = start_agent(env)
+        poll(lambda: len(stored(receiver, key.key_id)) >= before_restart + 3)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        delivered = receiver.stored[(NODE, key.key_id)]
+        chain = batches.verify_chain(delivered, key.public_key)
+        assert [batch.seq for batch in chain] == list(range(len(chain)))  # no gap, no repeat
+        store = spool.Spool(state_dir / "spool.sqlite3", node=NODE, key=key)
+        head = store.head()
+        pending = store.depth()
+        store.close()
+        assert head is not None
+        # Whatever the spool holds was delivered, or waits for the next start: nothing lost.
+        assert head[0] == chain[-1].seq + pending
+        records = [record for batch in chain for record in batch.records]
+        assert {record.gpu_uuid[-2:] for record in records} == {f"{i:02d}" for i in range(8)}
+        assert all(record.healthy for record in records)
+    finally:
+        receiver.stop()
+
+
+def test_metrics_and_health_are_served_and_a_stop_spools_the_last_records(
+    nvml_sim_dir: Path,
+    state_dir: Path,
+    start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
+) -> None:
+    port = free_port()
+    env = environment(
+        nvml_sim_dir, state_dir, server__port=str(port), sampling__batch_interval_s="60"
+    )
+    agent = start_agent(env)
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    poll(answers)
+
+    def scrape() -> list[str]:
+        return httpx.get(base + "/metrics", timeout=5).text.splitlines()
+
+    def samples(name: str) -> list[str]:
+        return [line for line in scrape() if line.startswith((name + "{", name + " "))]
+
+    poll(lambda: len(samples("gpudelivery_meter_gpu_power_watts")) == 8)
+    assert all(line.endswith(" 650.0") for line in samples("gpudelivery_meter_gpu_power_watts"))
+    gpu0 = 'gpu="0",node="gpu-node-7",uuid="GPU-6c2b3c1a-1d2e-4f30-8a41-5b6c7d8e9f00"'
+    assert f"gpudelivery_meter_gpu_healthy{{{gpu0}}} 1.0" in scrape()
+    assert samples("gpudelivery_meter_spool_depth_batches") == [
+        "gpudelivery_meter_spool_depth_batches 0.0"
+    ]
+
+    def last_round() -> float:
+        return float(samples("gpudelivery_meter_last_sample_timestamp_seconds")[0].split()[-1])
+
+    first_round = last_round()
+    poll(lambda: last_round() >= first_round + 2)  # a few rounds in; the 60 s batch is open
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=30) == 0
+    key = keys.load_or_create(state_dir)
+    store = spool.Spool(state_dir / "spool.sqlite3", node=NODE, key=key)
+    spooled = store.pending(10)
+    store.close()
+    assert len(spooled) == 1
+    assert len(spooled[0]["records"]) % 8 == 0
+    assert len(spooled[0]["records"]) >= 8
+
+
+def test_a_bad_setting_is_named(nvml_sim_dir: Path, state_dir: Path) -> None:
+    env = environment(nvml_sim_dir, state_dir, sampling__interval_s="0")
+    completed = subprocess.run(
+        [sys.executable, "-m", "gpudelivery", "meter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 2
+    variable = "GPUDELIVERY_METER_SAMPLING__INTERVAL_S"
+    expected = f"gpudelivery: error: {variable}: Input should be greater than or equal to 1\n"
+    assert completed.stderr == expected
