@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -29,10 +29,12 @@ __all__ = [
     "ChainError",
     "Gap",
     "MeterBatch",
+    "SignedBatch",
     "batch_hash",
     "check_link",
     "parse_batch",
     "sign_batch",
+    "sign_batch_and_hash",
     "verify_batch",
     "verify_chain",
 ]
@@ -82,7 +84,15 @@ def batch_hash(document: dict[str, Any]) -> str:
     return canonical.sha256_hex(canonical.canonical_json(document))
 
 
-def sign_batch(
+class SignedBatch(NamedTuple):
+    """A batch as the signer made it: the document, its canonical bytes, their SHA-256."""
+
+    document: dict[str, Any]
+    canonical: bytes
+    hash: str
+
+
+def sign_batch_and_hash(
     *,
     key: signing.SigningKey,
     node: str,
@@ -90,8 +100,25 @@ def sign_batch(
     prev_hash: str | None,
     records: Sequence[dict[str, Any]],
     gap: Gap | None = None,
-) -> dict[str, Any]:
-    """A signed batch document over `records` (JSON objects without `node`)."""
+    plain_records: bool = False,
+) -> SignedBatch:
+    """A signed batch document over `records` (JSON objects without `node`), with its
+    canonical bytes and hash.
+
+    The records are taken as given (the meter builds them); `parse_batch` is what checks
+    batches that come from elsewhere. The document is canonicalised once: `signature` sorts
+    after every other field and its base64 needs no escaping, so the canonical form of the
+    signed batch is that of the unsigned one with the signature spliced in before the end.
+    Its header (sequence, link, gap) is still checked: a chain never holds a bad link.
+    `plain_records` says the records are plain JSON by construction (canonical.is_plain;
+    the meter's are), so only the header is checked for it.
+    """
+    if isinstance(seq, bool) or not 0 <= seq < _MAX_JSON_INTEGER:
+        raise errors.EvidenceError("must be a whole number from 0 to 2^53 - 1", field="seq")
+    if (seq == 0) != (prev_hash is None):
+        raise errors.EvidenceError("is null exactly when seq is 0", field="prev_hash")
+    if gap is not None and gap.end_s <= gap.start_s:
+        raise errors.EvidenceError("must be after gap.from", field="gap.to")
     document: dict[str, Any] = {
         "format": BATCH_FORMAT,
         "node": node,
@@ -106,7 +133,30 @@ def sign_batch(
             "to": timefmt.format_utc(gap.end_s),
             "reason": gap.reason,
         }
-    document["signature"] = key.sign(canonical.canonical_json(document))
+    assume_plain = plain_records and canonical.is_plain({**document, "records": []})
+    unsigned = canonical.canonical_json(document, assume_plain=assume_plain)
+    signature = key.sign(unsigned)
+    document["signature"] = signature
+    signed = unsigned[:-1] + b',"signature":"' + signature.encode("ascii") + b'"}'
+    return SignedBatch(document, signed, canonical.sha256_hex(signed))
+
+
+def sign_batch(
+    *,
+    key: signing.SigningKey,
+    node: str,
+    seq: int,
+    prev_hash: str | None,
+    records: Sequence[dict[str, Any]],
+    gap: Gap | None = None,
+) -> dict[str, Any]:
+    """A signed batch document over `records` (JSON objects without `node`), checked whole.
+
+    Refuses, naming the field, to sign what `parse_batch` would refuse.
+    """
+    document = sign_batch_and_hash(
+        key=key, node=node, seq=seq, prev_hash=prev_hash, records=records, gap=gap
+    ).document
     parse_batch(document)
     return document
 

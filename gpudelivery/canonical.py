@@ -1,25 +1,85 @@
 """Canonical JSON (RFC 8785, JCS) and the digests taken over it.
 
-Whatever is signed or hashed is first serialised with `rfc8785`, so that two parties that
-agree on a JSON value agree on its bytes, whatever their JSON library. The core never
-signs floats it did not have to: money and rates travel as decimal strings, times as
-RFC 3339 strings, counts as integers.
+Whatever is signed or hashed is first serialised as RFC 8785 canonical JSON, so that two
+parties that agree on a JSON value agree on its bytes, whatever their JSON library. The
+core never signs floats it did not have to: money and rates travel as decimal strings,
+times as RFC 3339 strings, counts as integers.
+
+`rfc8785` is the reference. Meter batches are canonicalised on every node every few
+seconds, and `rfc8785` is pure Python, so values made only of strings, booleans, nulls,
+integers below 2^53, lists and objects whose keys hold no character past U+D7FF take a
+fast path through the standard library's C encoder, which produces exactly the same bytes
+for them: keys sorted by code point (equal to UTF-16 order below the surrogates), minimal
+escaping with lower-case hex, no spaces. Anything else (floats above all, whose RFC 8785
+form is ECMAScript's) goes to `rfc8785`. A property test holds the two paths equal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import rfc8785
 
 from gpudelivery import errors
 
-__all__ = ["canonical_json", "sha256_hex"]
+__all__ = ["canonical_json", "is_plain", "sha256_hex"]
+
+_FAST = json.JSONEncoder(ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"))
+# RFC 8785 numbers are IEEE doubles: integers must stay below this to survive.
+_MAX_SAFE_INTEGER = 2**53
+# Below the surrogates, code-point order (Python's) and UTF-16 order (RFC 8785's) agree.
+_FIRST_SURROGATE = "\ud800"
+_SCALARS = frozenset({str, bool, type(None)})
+_KINDS = _SCALARS | {int, dict, list, tuple}
 
 
-def canonical_json(value: Any) -> bytes:
-    """The RFC 8785 canonical bytes of a JSON value."""
+def is_plain(value: Any) -> bool:
+    """True when the C encoder serialises `value` exactly as RFC 8785 does.
+
+    It walks the value a level at a time, each level's checks done by built-ins over whole
+    lists (this runs over every field of every meter record) rather than item by item.
+    """
+    level = [value]
+    while level:
+        kinds = set(map(type, level))
+        if not kinds <= _KINDS:
+            return False
+        if int in kinds:
+            ints = [item for item in level if type(item) is int]
+            if max(ints) >= _MAX_SAFE_INTEGER or min(ints) <= -_MAX_SAFE_INTEGER:
+                return False
+        deeper: list[Any] = []
+        if dict in kinds:
+            objects = [item for item in level if type(item) is dict]
+            keys = [key for item in objects for key in item]
+            if keys:
+                if set(map(type, keys)) != {str}:
+                    return False
+                joined = "".join(keys)
+                if not joined.isascii() and max(joined) >= _FIRST_SURROGATE:
+                    return False
+            deeper.extend([member for item in objects for member in item.values()])
+        if list in kinds or tuple in kinds:
+            deeper.extend(
+                [member for item in level if type(item) in (list, tuple) for member in item]
+            )
+        level = deeper
+    return True
+
+
+def canonical_json(value: Any, *, assume_plain: bool = False) -> bytes:
+    """The RFC 8785 canonical bytes of a JSON value.
+
+    `assume_plain` skips the check of `is_plain` for a producer that guarantees it by
+    construction (the meter's records); the bytes are then wrong if the guarantee is.
+    """
+    if assume_plain or is_plain(value):
+        try:
+            return _FAST.encode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: let rfc8785 refuse it with its own message
     try:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:

@@ -10,6 +10,7 @@ is worse than failing.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from gpudelivery import errors
@@ -44,6 +45,7 @@ def parse_utc(value: object, *, field: str) -> int:
     return int(parsed.timestamp())
 
 
+@functools.lru_cache(maxsize=1024)
 def format_utc(epoch_s: int) -> str:
     """Format epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`."""
     return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -38,6 +38,9 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
+HEALTHY = Verdict(healthy=True, reasons=())
+
+
 class HealthTracker:
     """The health of one GPU across readings: remembers critical XIDs until a reset."""
 
@@ -65,6 +68,8 @@ class HealthTracker:
         remap_failed: bool = False,
     ) -> Verdict:
         """The verdict for a reading: `error` is NVML's answer when the GPU could not be read."""
+        if not (self._critical_xids or lost or error is not None or remap_pending or remap_failed):
+            return HEALTHY  # the common case, every second on every GPU
         reasons = [f"critical XID {code} since the last reset" for code in self._critical_xids]
         if lost:
             reasons.append("GPU fallen off the bus (GPU_IS_LOST)")

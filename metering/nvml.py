@@ -11,9 +11,9 @@ metering. A field the driver does not support (NOT_SUPPORTED) is simply None.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import pynvml
 
@@ -22,9 +22,13 @@ from gpudelivery.metering.readings import GpuReading
 
 __all__ = ["GpuSource", "PynvmlSource", "XidEvent"]
 
-_T = TypeVar("_T")
 # How long one wait for an XID may block: short, so the event thread notices a shutdown.
 XID_WAIT_MS = 500
+_JSON_INTEGER_LIMIT = 2**53
+_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
+_CORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+_UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+_VOLATILE = pynvml.NVML_VOLATILE_ECC
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,27 +81,29 @@ class PynvmlSource:
     def read(self, index: int, *, at_s: int) -> GpuReading:
         handle = self._handles[index]
         uuid = self._uuids[index]
+        # Fields the driver may not support (NOT_SUPPORTED) are None; any other error makes
+        # the whole reading an error. try costs nothing in Python 3.11 until it raises.
         try:
             rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             power_mw = pynvml.nvmlDeviceGetPowerUsage(handle)
-            energy = _optional(pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)
-            temperature = _optional(
-                pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU
-            )
-            corrected = _optional(
-                pynvml.nvmlDeviceGetTotalEccErrors,
-                handle,
-                pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
-                pynvml.NVML_VOLATILE_ECC,
-            )
-            uncorrected = _optional(
-                pynvml.nvmlDeviceGetTotalEccErrors,
-                handle,
-                pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                pynvml.NVML_VOLATILE_ECC,
-            )
-            remapped = _optional(pynvml.nvmlDeviceGetRemappedRows, handle)
+            try:
+                energy = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            except pynvml.NVMLError_NotSupported:
+                energy = None
+            try:
+                temperature = pynvml.nvmlDeviceGetTemperature(handle, _TEMPERATURE_GPU)
+            except pynvml.NVMLError_NotSupported:
+                temperature = None
+            try:
+                corrected = pynvml.nvmlDeviceGetTotalEccErrors(handle, _CORRECTED, _VOLATILE)
+                uncorrected = pynvml.nvmlDeviceGetTotalEccErrors(handle, _UNCORRECTED, _VOLATILE)
+            except pynvml.NVMLError_NotSupported:  # ECC off: neither count exists
+                corrected = uncorrected = None
+            try:
+                remapped = pynvml.nvmlDeviceGetRemappedRows(handle)
+            except pynvml.NVMLError_NotSupported:
+                remapped = None
             processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except pynvml.NVMLError as exc:
             return GpuReading(
@@ -109,12 +115,12 @@ class PynvmlSource:
             at_s,
             utilization_gpu_pct=rates.gpu,
             utilization_memory_pct=rates.memory,
-            memory_used_bytes=memory.used,
+            memory_used_bytes=_measured(memory.used),
             power_mw=power_mw,
-            energy_mj=energy,
+            energy_mj=_measured(energy),
             temperature_c=temperature,
-            ecc_corrected=corrected,
-            ecc_uncorrected=uncorrected,
+            ecc_corrected=_measured(corrected),
+            ecc_uncorrected=_measured(uncorrected),
             remapped_correctable=correctable,
             remapped_uncorrectable=uncorrectable,
             remap_pending=bool(pending),
@@ -129,7 +135,8 @@ class PynvmlSource:
             return None
         except pynvml.NVMLError as exc:
             raise errors.MeteringError(f"waiting for NVML events failed: {exc}") from exc
-        return XidEvent(uuid=pynvml.nvmlDeviceGetUUID(data.device), code=int(data.eventData))
+        code = min(int(data.eventData), _JSON_INTEGER_LIMIT - 1)  # still critical, still JSON
+        return XidEvent(uuid=pynvml.nvmlDeviceGetUUID(data.device), code=code)
 
     def close(self) -> None:
         try:
@@ -138,9 +145,7 @@ class PynvmlSource:
             pynvml.nvmlShutdown()
 
 
-def _optional(call: Callable[..., _T], *args: object) -> _T | None:
-    """A value the driver may not support: NOT_SUPPORTED is None, other errors raise."""
-    try:
-        return call(*args)
-    except pynvml.NVMLError_NotSupported:
-        return None
+def _measured(value: int | None) -> int | None:
+    """A 64-bit driver counter, or None past 2^53: no real GPU gets there, and a meter record
+    must hold only integers JSON (an IEEE double) holds exactly."""
+    return None if value is None or value >= _JSON_INTEGER_LIMIT else value

@@ -3,19 +3,23 @@
 Counters (`energy_mj`, ECC, remapped rows) are the driver's running totals; the record
 builder turns them into per-interval deltas. Any field can be None when the driver does not
 support it; when the GPU could not be read at all, `error` says why and every measurement
-is None, because a value from an earlier round must never pass for a fresh one.
+is None, because a value from an earlier round must never pass for a fresh one. Every
+integer is below 2^53 (the adapter reads a driver value past that as None), so the records
+built from readings are plain JSON (gpudelivery.canonical) by construction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["GpuReading"]
 
 
-@dataclass(frozen=True, slots=True)
-class GpuReading:
-    """One GPU at the whole second `at_s` (epoch seconds)."""
+class GpuReading(NamedTuple):
+    """One GPU at the whole second `at_s` (epoch seconds).
+
+    A named tuple: immutable, and cheap to build once per GPU per second.
+    """
 
     uuid: str
     at_s: int

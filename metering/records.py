@@ -58,12 +58,9 @@ class GpuRecorder:
         """The record for the interval ending at `reading`, or None for the first reading."""
         previous, self._previous = self._previous, reading
         self.last_reading = reading
-        reset = (
-            previous is not None
-            and reading.energy_mj is not None
-            and previous.energy_mj is not None
-            and reading.energy_mj < previous.energy_mj
-        )
+        energy_now = reading.energy_mj
+        energy_before = None if previous is None else previous.energy_mj
+        reset = energy_now is not None and energy_before is not None and energy_now < energy_before
         if reset:
             self.tracker.observe_reset()
         verdict = self.tracker.judge(
@@ -79,36 +76,38 @@ class GpuRecorder:
         stalled = t1 - previous.at_s > self.max_interval_s
         t0 = t1 - self.interval_s if stalled else previous.at_s
         xids, self._xids = self._xids, []
-        energy = None
-        if reading.energy_mj is not None and previous.energy_mj is not None and not stalled:
-            energy = reading.energy_mj if reset else reading.energy_mj - previous.energy_mj
         record: dict[str, Any] = {
             "gpu_uuid": self.uuid,
             "t0": timefmt.format_utc(t0),
             "t1": timefmt.format_utc(t1),
             "healthy": verdict.healthy,
         }
-        if not verdict.healthy:
+        if verdict.reasons:
             record["reasons"] = list(verdict.reasons)
         record["xids"] = xids
-        if reading.readable:
-            measured = {
-                "utilization_gpu_pct": reading.utilization_gpu_pct,
-                "utilization_memory_pct": reading.utilization_memory_pct,
-                "memory_used_bytes": reading.memory_used_bytes,
-                "power_mw": reading.power_mw,
-                "energy_mj": energy,
-                "temperature_c": reading.temperature_c,
-                "ecc_corrected": None
-                if stalled
-                else _delta(reading.ecc_corrected, previous.ecc_corrected),
-                "ecc_uncorrected": None
-                if stalled
-                else _delta(reading.ecc_uncorrected, previous.ecc_uncorrected),
-                "remapped_rows": None
-                if reading.remapped_correctable is None or reading.remapped_uncorrectable is None
-                else reading.remapped_correctable + reading.remapped_uncorrectable,
-            }
-            record.update({name: value for name, value in measured.items() if value is not None})
-            record["pods"] = sorted(pods)
+        if reading.error is not None:
+            return record
+        # Only what was measured: a field the driver does not support is left out, and
+        # counter deltas need two readings of a counter that did not stall.
+        for name, value in (
+            ("utilization_gpu_pct", reading.utilization_gpu_pct),
+            ("utilization_memory_pct", reading.utilization_memory_pct),
+            ("memory_used_bytes", reading.memory_used_bytes),
+            ("power_mw", reading.power_mw),
+            ("temperature_c", reading.temperature_c),
+        ):
+            if value is not None:
+                record[name] = value
+        if not stalled:
+            if energy_now is not None and energy_before is not None:
+                record["energy_mj"] = energy_now if reset else energy_now - energy_before
+            corrected = _delta(reading.ecc_corrected, previous.ecc_corrected)
+            if corrected is not None:
+                record["ecc_corrected"] = corrected
+            uncorrected = _delta(reading.ecc_uncorrected, previous.ecc_uncorrected)
+            if uncorrected is not None:
+                record["ecc_uncorrected"] = uncorrected
+        if reading.remapped_correctable is not None and reading.remapped_uncorrectable is not None:
+            record["remapped_rows"] = reading.remapped_correctable + reading.remapped_uncorrectable
+        record["pods"] = sorted(pods) if pods else []
         return record

@@ -66,6 +66,8 @@ class Spool:
         self.key = key
         self._lock = threading.Lock()
         self._lost: tuple[int, int] | None = None
+        self._head: tuple[int, str] | None = None
+        self._head_known = False
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -100,29 +102,35 @@ class Spool:
     def _append(self, records: Sequence[dict[str, Any]], gap: batches.Gap | None) -> dict[str, Any]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            head = self.head()
-            document = batches.sign_batch(
+            # The chain's head is read once, then kept: this process is its only writer.
+            if not self._head_known:
+                self._head, self._head_known = self.head(), True
+            head = self._head
+            signed = batches.sign_batch_and_hash(
                 key=self.key,
                 node=self.node,
                 seq=0 if head is None else head[0] + 1,
                 prev_hash=None if head is None else head[1],
                 records=records,
                 gap=gap,
+                plain_records=True,
             )
             self._db.execute(
                 "INSERT INTO batches (key_id, seq, hash, document) VALUES (?, ?, ?, ?)",
                 (
                     self.key.key_id,
-                    document["seq"],
-                    batches.batch_hash(document),
-                    json.dumps(document, separators=(",", ":")),
+                    signed.document["seq"],
+                    signed.hash,
+                    signed.canonical.decode("utf-8"),
                 ),
             )
             self._db.execute("COMMIT")
         except BaseException:
+            self._head_known = False  # whatever happened, ask the file next time
             self._rollback()
             raise
-        return document
+        self._head = (signed.document["seq"], signed.hash)
+        return signed.document
 
     def _rollback(self) -> None:
         # SQLite may already have rolled back (a commit that hit a full disk does).
@@ -133,6 +141,9 @@ class Spool:
         self, records: Sequence[dict[str, Any]], *, span: tuple[int, int]
     ) -> dict[str, Any] | None:
         """Sign `records` (covering `span`) into the chain and store them durably.
+
+        The records are metering.records' own: plain JSON by construction, so they are
+        signed without a second check.
 
         Returns the batch, or None when the spool is full: the span is then remembered for
         a gap marker, written first by the next append that finds room.

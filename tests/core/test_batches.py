@@ -14,7 +14,7 @@ import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gpudelivery import batches, errors, signing, timefmt
+from gpudelivery import batches, canonical, errors, signing, timefmt
 
 from utils.factories import EPOCH
 
@@ -705,3 +705,35 @@ def test_a_value_canonical_json_cannot_hold_is_refused_naming_records() -> None:
     with pytest.raises(errors.EvidenceError) as caught:
         batches.parse_batch(document)
     assert str(caught.value).startswith("records: cannot be canonicalised as JSON")
+
+
+def test_the_spliced_hash_of_a_signed_batch_is_its_batch_hash() -> None:
+    gap = batches.Gap(1_772_496_000, 1_772_496_600, "spool full")
+    for records, marker in (
+        ([], None),
+        ([{"gpu_uuid": "GPU-é", "t0": "x", "note": "\u20ac\x01"}], gap),
+    ):
+        signed = batches.sign_batch_and_hash(
+            key=signing.generate(), node="n", seq=3, prev_hash="a" * 64, records=records, gap=marker
+        )
+        assert signed.canonical == canonical.canonical_json(signed.document)
+        assert signed.hash == batches.batch_hash(signed.document)
+
+
+@pytest.mark.parametrize(
+    ("seq", "prev_hash", "gap", "message"),
+    [
+        (1, None, None, "prev_hash: is null exactly when seq is 0"),
+        (0, "a" * 64, None, "prev_hash: is null exactly when seq is 0"),
+        (2**53, "a" * 64, None, "seq: must be a whole number from 0 to 2^53 - 1"),
+        (0, None, batches.Gap(EPOCH, EPOCH, "full"), "gap.to: must be after gap.from"),
+    ],
+)
+def test_the_fast_signer_still_refuses_a_bad_header(
+    seq: int, prev_hash: str | None, gap: batches.Gap | None, message: str
+) -> None:
+    with pytest.raises(errors.EvidenceError) as caught:
+        batches.sign_batch_and_hash(
+            key=KEY, node=NODE, seq=seq, prev_hash=prev_hash, records=[], gap=gap
+        )
+    assert str(caught.value) == message

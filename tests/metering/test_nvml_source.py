@@ -7,11 +7,10 @@ from pathlib import Path
 from utils.nvml import SCENARIOS, PynvmlRunner
 
 OPEN = """
-import dataclasses
 from gpudelivery.metering import nvml
 source = nvml.PynvmlSource()
 def read(index):
-    return dataclasses.asdict(source.read(index, at_s=1000))
+    return source.read(index, at_s=1000)._asdict()
 """
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import rfc8785
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gpudelivery import canonical
 from gpudelivery.metering.readings import GpuReading
 from gpudelivery.metering.records import GpuRecorder
 
@@ -149,3 +153,44 @@ def test_a_reading_that_does_not_move_forward_makes_no_record() -> None:
 def test_interval_bounds_are_checked() -> None:
     with pytest.raises(ValueError, match="need 0 < interval_s <= max_interval_s"):
         GpuRecorder(UUID, interval_s=5, max_interval_s=2)
+
+
+counts = st.none() | st.integers(min_value=0, max_value=2**53 - 1)
+readings = st.builds(
+    GpuReading,
+    uuid=st.just(UUID),
+    at_s=st.integers(min_value=EPOCH, max_value=EPOCH + 30),
+    error=st.none() | st.sampled_from(["Unknown Error", "GPU is lost"]),
+    utilization_gpu_pct=st.none() | st.integers(0, 100),
+    utilization_memory_pct=st.none() | st.integers(0, 100),
+    memory_used_bytes=counts,
+    power_mw=st.none() | st.integers(0, 2**32 - 1),
+    energy_mj=counts,
+    temperature_c=st.none() | st.integers(0, 2**32 - 1),
+    ecc_corrected=counts,
+    ecc_uncorrected=counts,
+    remapped_correctable=st.none() | st.integers(0, 2**32 - 1),
+    remapped_uncorrectable=st.none() | st.integers(0, 2**32 - 1),
+    remap_pending=st.booleans(),
+    remap_failed=st.booleans(),
+)
+
+
+@given(
+    st.lists(readings, min_size=2, max_size=6),
+    st.lists(st.integers(0, 2**53 - 1), max_size=3),
+    st.lists(st.text(max_size=8), max_size=2),
+)
+def test_records_are_plain_json_so_the_spool_may_sign_them_unchecked(
+    sequence: list[GpuReading], xids: list[int], pods: list[str]
+) -> None:
+    meter = recorder()
+    produced = []
+    for code in xids:
+        meter.observe_xid(code)
+    for item in sequence:
+        record = meter.record(item, pods=pods)
+        if record is not None:
+            produced.append(record)
+    assert canonical.is_plain(produced)
+    assert canonical.canonical_json(produced, assume_plain=True) == rfc8785.dumps(produced)
