@@ -8,8 +8,8 @@ thread serves /metrics and /healthz. A stop request (SIGTERM) spools the partial
 before the process ends; a `kill -9` loses at most the unspooled part of the current batch,
 and the chain continues from the spool on restart.
 
-Not here yet (issue 3): publishing the Node condition GPUHealthy, pod attribution through
-the kubelet pod-resources API, and key registration with the API.
+A condition thread publishes the GPUs' health on the Node as `GPUHealthy`
+(metering.node_condition) when the agent can reach the API server.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from gpudelivery.metering import errors, keys, metrics, nvml, sampling, shipping, spool
+from gpudelivery.metering import (
+    errors,
+    keys,
+    metrics,
+    node_condition,
+    nvml,
+    sampling,
+    shipping,
+    spool,
+)
 from gpudelivery.metering.settings import MeterSettings
 
 __all__ = ["Agent"]
@@ -71,6 +80,20 @@ class Agent:
             self.shipper = shipping.Shipper(
                 self.spool, client=client, batch_limit=settings.shipping.batch_limit
             )
+        self.condition: node_condition.NodeConditionPublisher | None = None
+        condition = settings.node_condition
+        if condition.enabled:
+            kubeconfig = None if condition.kubeconfig is None else str(condition.kubeconfig)
+            api = node_condition.core_api(kubeconfig)
+            if api is None:
+                logger.warning(
+                    "no service account and no kubeconfig: the %s condition is not published",
+                    node_condition.CONDITION_TYPE,
+                )
+            else:
+                self.condition = node_condition.NodeConditionPublisher(
+                    api, settings.node_name, heartbeat_s=condition.heartbeat_s, clock=clock
+                )
         self.registry.register(
             metrics.MeterCollector(
                 node=settings.node_name,
@@ -78,6 +101,7 @@ class Agent:
                 store=self.spool,
                 state=self.state,
                 shipper=self.shipper,
+                condition=self.condition,
             )
         )
         self.server: Any = None
@@ -104,6 +128,15 @@ class Agent:
         if self.shipper is not None:
             threads.append(
                 threading.Thread(target=self.shipper.run, args=(stop,), name="meter-ship")
+            )
+        if self.condition is not None:
+            threads.append(
+                threading.Thread(
+                    target=self.condition.run,
+                    args=(self.sampler.verdicts, stop),
+                    kwargs={"every_s": self.settings.node_condition.interval_s},
+                    name="meter-condition",
+                )
             )
         for thread in threads:
             thread.start()

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpudelivery.metering import sampling, shipping, spool
+from gpudelivery.metering import node_condition, sampling, shipping, spool
 
 __all__ = ["AgentState", "MeterCollector", "serve"]
 
@@ -53,12 +53,14 @@ class MeterCollector(Collector):
         store: spool.Spool,
         state: AgentState,
         shipper: shipping.Shipper | None,
+        condition: node_condition.NodeConditionPublisher | None = None,
     ) -> None:
         self.node = node
         self.sampler = sampler
         self.store = store
         self.state = state
         self.shipper = shipper
+        self.condition = condition
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
@@ -166,6 +168,12 @@ class MeterCollector(Collector):
                 PREFIX + "sample_duration_seconds",
                 "How long the last round took.",
                 value=self.state.last_round_duration_s,
+            )
+        if self.condition is not None:
+            yield CounterMetricFamily(
+                PREFIX + "node_condition_errors",
+                "Writes of the GPUHealthy Node condition that failed.",
+                value=self.condition.errors,
             )
         if self.shipper is not None:
             stats = self.shipper.stats

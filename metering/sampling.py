@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from gpudelivery.metering import nvml
+from gpudelivery.metering import health, nvml
 from gpudelivery.metering.records import GpuRecorder
 
 __all__ = ["PodAttribution", "Sampler"]
@@ -62,6 +62,11 @@ class Sampler:
     def recorders(self) -> tuple[GpuRecorder, ...]:
         """Each GPU's recorder, in index order (their last readings feed the metrics)."""
         return tuple(self._recorders[uuid] for uuid in self.uuids)
+
+    def verdicts(self) -> dict[str, health.Verdict]:
+        """Each GPU's latest health verdict, for the GPUs read at least once."""
+        latest = {recorder.uuid: recorder.last_verdict for recorder in self.recorders}
+        return {uuid: verdict for uuid, verdict in latest.items() if verdict is not None}
 
     def observe_xid(self, event: nvml.XidEvent) -> None:
         recorder = self._recorders.get(event.uuid)

@@ -54,6 +54,28 @@ class ServerSettings(BaseModel):
     )
 
 
+class NodeConditionSettings(BaseModel):
+    enabled: bool = Field(
+        default=True,
+        description="Publish GPU health as the Node condition GPUHealthy (needs RBAC: get and "
+        "patch on nodes/status).",
+    )
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="Kubeconfig file to reach the API server; unset: the pod's service account "
+        "(not in a cluster either: not published).",
+    )
+    interval_s: int = Field(
+        default=5, ge=1, le=300, description="Seconds between checks of the GPUs' verdicts."
+    )
+    heartbeat_s: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Rewrite an unchanged condition this often (its lastHeartbeatTime).",
+    )
+
+
 class MeterSettings(BaseSettings):
     """Everything the metering agent can be told."""
 
@@ -68,6 +90,7 @@ class MeterSettings(BaseSettings):
     spool: SpoolSettings = SpoolSettings()
     shipping: ShippingSettings = ShippingSettings()
     server: ServerSettings = ServerSettings()
+    node_condition: NodeConditionSettings = NodeConditionSettings()
 
     @model_validator(mode="after")
     def _batches_hold_whole_rounds(self) -> MeterSettings:

@@ -16,6 +16,7 @@ import pytest
 from gpudelivery import batches
 from gpudelivery.metering import keys, spool
 
+from utils.kube import core_api, running_cluster, write_kubeconfig
 from utils.nvml import SCENARIOS
 from utils.polling import poll
 from utils.receiver import IngestDouble, free_port
@@ -169,3 +170,48 @@ def test_a_bad_setting_is_named(nvml_sim_dir: Path, state_dir: Path) -> None:
     variable = "GPUDELIVERY_METER_SAMPLING__INTERVAL_S"
     expected = f"gpudelivery: error: {variable}: Input should be greater than or equal to 1\n"
     assert completed.stderr == expected
+
+
+def test_the_node_condition_turns_false_naming_a_gpu_that_falls_off_the_bus(
+    nvml_sim_dir: Path,
+    state_dir: Path,
+    tmp_path: Path,
+    start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
+) -> None:
+    lost_gpu = "GPU-0a1b2c3d-0000-4000-8000-000000000003"
+    with running_cluster() as (_, url):
+        api = core_api(url)
+        api.create_node(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": NODE},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+            }
+        )
+        env = environment(
+            nvml_sim_dir,
+            state_dir,
+            node_condition__kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", url)),
+            node_condition__interval_s="1",
+        )
+        # GPU 3 reports XID 79 and is lost 30 s into the scenario: 10 s from now.
+        env["GPUDELIVERY_NVML_SCENARIO"] = str(SCENARIOS / "xid79.yaml")
+        env["GPUDELIVERY_NVML_EPOCH"] = repr(time.time() - 20)
+        start_agent(env)
+
+        def gpu_condition() -> tuple[str, str] | None:
+            for condition in api.read_node(NODE).status.conditions:
+                if condition.type == "GPUHealthy":
+                    return condition.status, condition.message
+            return None
+
+        poll(lambda: gpu_condition() == ("True", "8 GPUs healthy"))
+        expected = (
+            "False",
+            f"{lost_gpu}: critical XID 79 since the last reset, "
+            "GPU fallen off the bus (GPU_IS_LOST)",
+        )
+        poll(lambda: gpu_condition() == expected)
+        kinds = [condition.type for condition in api.read_node(NODE).status.conditions]
+        assert kinds == ["Ready", "GPUHealthy"]

@@ -1,0 +1,196 @@
+"""The node's GPU health, published on its own Node as the condition `GPUHealthy`.
+
+As node-problem-detector does for kernel and hardware problems, the agent writes one
+condition on the Node it runs on: `True` when every GPU is healthy, `False` with the
+unhealthy GPUs' UUIDs and reasons (metering.health) in its message. The delivery operator
+watches Nodes and substitutes a failed node at once, without waiting for the API to ingest
+meter batches; the batches stay the evidence, the condition is only the signal.
+
+The condition is patched into `status.conditions` with a strategic-merge patch (merge key
+`type`), so the kubelet's own conditions are never touched. It is written when its status or
+message changes and otherwise every `heartbeat_s` (its `lastHeartbeatTime`), so a stale
+condition shows. `lastTransitionTime` moves only when the status flips, also across an
+agent restart (the Node's current condition is read once at start). Nothing is written
+before the first sampling round: a condition claims only what was measured.
+
+The Kubernetes client comes from the pod's service account (in a cluster) or a kubeconfig
+file (`node_condition.kubeconfig`); with neither, the condition is not published.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from gpudelivery import timefmt
+from gpudelivery.metering import errors, health
+
+__all__ = [
+    "CONDITION_TYPE",
+    "Condition",
+    "NodeConditionPublisher",
+    "core_api",
+    "gpu_condition",
+]
+
+logger = logging.getLogger(__name__)
+
+# The condition type the operator watches (operator issue: substitution).
+CONDITION_TYPE = "GPUHealthy"
+# Condition reasons: CamelCase, as Kubernetes condition reasons are.
+REASON_HEALTHY = "GPUsHealthy"
+REASON_UNHEALTHY = "GPUsUnhealthy"
+# The patch type under which the API server merges `status.conditions` by `type`.
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+# A condition message is for people and `kubectl describe`; a node with every GPU failing
+# in every way stays well under this.
+MAX_MESSAGE_CHARS = 4096
+# Seconds one call to the API server may take: the heartbeat is a minute, so a hung call
+# must give up well before the next one is due.
+REQUEST_TIMEOUT_S = 10
+
+
+class Condition(NamedTuple):
+    """The GPUHealthy condition, as far as it is ours to decide."""
+
+    status: str
+    reason: str
+    message: str
+
+
+def gpu_condition(verdicts: Mapping[str, health.Verdict]) -> Condition:
+    """The condition for the GPUs' latest verdicts (UUID -> verdict)."""
+    unhealthy = sorted((uuid, v.reasons) for uuid, v in verdicts.items() if not v.healthy)
+    if not unhealthy:
+        count = len(verdicts)
+        return Condition("True", REASON_HEALTHY, f"{count} GPU{'s' * (count != 1)} healthy")
+    message = "; ".join(f"{uuid}: {', '.join(reasons)}" for uuid, reasons in unhealthy)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return Condition("False", REASON_UNHEALTHY, message)
+
+
+def core_api(kubeconfig: str | None) -> client.CoreV1Api | None:
+    """A CoreV1Api from `kubeconfig`, else from the pod's service account, else None."""
+    try:
+        if kubeconfig is not None:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+            return client.CoreV1Api(api_client)
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return client.CoreV1Api(client.ApiClient(configuration))
+    except ConfigException as exc:
+        if kubeconfig is not None:
+            raise errors.MeteringError(f"{kubeconfig}: not a usable kubeconfig: {exc}") from exc
+        return None
+
+
+class NodeConditionPublisher:
+    """Writes the GPUHealthy condition of one Node when it changes, and as a heartbeat."""
+
+    def __init__(
+        self,
+        api: client.CoreV1Api,
+        node_name: str,
+        *,
+        heartbeat_s: int = 60,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api = api
+        self.node_name = node_name
+        self.heartbeat_s = heartbeat_s
+        self.clock = clock
+        self.errors = 0
+        self._written: Condition | None = None
+        self._written_at_s = 0.0
+        self._transition: tuple[str, str] | None = None  # (status, lastTransitionTime)
+
+    def publish(self, verdicts: Mapping[str, health.Verdict]) -> bool:
+        """Write the condition if it changed or its heartbeat is due; True if written.
+
+        Raises MeteringError when the API server refuses or cannot be reached; the next
+        call tries again.
+        """
+        wanted = gpu_condition(verdicts)
+        now_s = self.clock()
+        if wanted == self._written and now_s - self._written_at_s < self.heartbeat_s:
+            return False
+        now = timefmt.format_utc(int(now_s))
+        try:
+            if self._transition is None:
+                self._transition = self._current_transition()
+            if self._transition is None or self._transition[0] != wanted.status:
+                self._transition = (wanted.status, now)
+            body = {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": CONDITION_TYPE,
+                            "status": wanted.status,
+                            "reason": wanted.reason,
+                            "message": wanted.message,
+                            "lastHeartbeatTime": now,
+                            "lastTransitionTime": self._transition[1],
+                        }
+                    ]
+                }
+            }
+            self.api.patch_node_status(
+                self.node_name,
+                body,
+                _content_type=STRATEGIC_MERGE,
+                _request_timeout=REQUEST_TIMEOUT_S,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            self.errors += 1
+            self._transition = None  # read it again: another writer may have moved it
+            raise errors.MeteringError(
+                f"cannot write the {CONDITION_TYPE} condition of node {self.node_name}: "
+                f"{_describe(exc)}"
+            ) from exc
+        if wanted != self._written:
+            logger.info(
+                "node %s: %s=%s (%s)", self.node_name, CONDITION_TYPE, wanted.status, wanted.message
+            )
+        self._written, self._written_at_s = wanted, now_s
+        return True
+
+    def _current_transition(self) -> tuple[str, str] | None:
+        """The status and transition time of the condition as the Node holds it now."""
+        node = self.api.read_node_status(self.node_name, _request_timeout=REQUEST_TIMEOUT_S)
+        for condition in (node.status and node.status.conditions) or ():
+            if condition.type == CONDITION_TYPE and condition.last_transition_time is not None:
+                at = int(condition.last_transition_time.timestamp())
+                return condition.status, timefmt.format_utc(at)
+        return None
+
+    def run(
+        self,
+        verdicts: Callable[[], Mapping[str, health.Verdict]],
+        stop: threading.Event,
+        *,
+        every_s: float,
+    ) -> None:
+        """Publish `verdicts()` every `every_s` until `stop` is set (the agent's thread)."""
+        while not stop.wait(every_s):
+            latest = verdicts()
+            if not latest:
+                continue  # no round yet: nothing measured to claim
+            try:
+                self.publish(latest)
+            except errors.MeteringError as exc:
+                logger.warning("%s", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return str(exc) or type(exc).__name__
