@@ -29,6 +29,7 @@ from gpudelivery.metering import (
     metrics,
     node_condition,
     nvml,
+    registration,
     sampling,
     shipping,
     spool,
@@ -77,8 +78,20 @@ class Agent:
                 base_url=str(settings.shipping.api_url).rstrip("/"),
                 timeout=settings.shipping.timeout_s,
             )
+            registrar = None
+            if settings.shipping.bootstrap_token_file is not None:
+                registrar = registration.KeyRegistrar(
+                    client,
+                    node=settings.node_name,
+                    key=self.key,
+                    token=registration.read_token(settings.shipping.bootstrap_token_file),
+                    state_dir=settings.spool.state_dir,
+                )
             self.shipper = shipping.Shipper(
-                self.spool, client=client, batch_limit=settings.shipping.batch_limit
+                self.spool,
+                client=client,
+                batch_limit=settings.shipping.batch_limit,
+                registrar=registrar,
             )
         self.condition: node_condition.NodeConditionPublisher | None = None
         condition = settings.node_condition

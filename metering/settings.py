@@ -44,6 +44,11 @@ class ShippingSettings(BaseModel):
     )
     batch_limit: int = Field(default=50, ge=1, le=100, description="Batches per request.")
     timeout_s: float = Field(default=10.0, gt=0, le=300, description="HTTP timeout.")
+    bootstrap_token_file: Path | None = Field(
+        default=None,
+        description="File holding the bootstrap token (a mounted Secret) that registers the "
+        "node key with the API; unset: the key is registered by other means.",
+    )
 
 
 class ServerSettings(BaseModel):

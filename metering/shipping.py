@@ -7,6 +7,10 @@ reported, never retried. A busy or unreachable API (429, 503, other 5xx, connect
 errors, timeouts) is retried with jittered exponential backoff, capped, honouring
 `Retry-After`, for as long as it takes: the spool holds the batches meanwhile. A 413 halves
 the request; any other 4xx for the request as a whole rejects its batches, reported.
+
+With a `KeyRegistrar` (a bootstrap token is configured), the node key is registered before
+the first shipment, and an `unknown_key` answer is not a rejection: the key is registered
+again and the batches resent.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import httpx
 import tenacity
 
-from gpudelivery.metering import errors, spool
+from gpudelivery.metering import errors, registration, spool
 
 __all__ = ["INGEST_PATH", "ShipStats", "Shipper"]
 
@@ -32,6 +36,7 @@ INGEST_PATH = "/v1/meter/batches"
 # At most this many batches a request (the API refuses more than 100).
 MAX_BATCHES_PER_REQUEST = 100
 SHIPPED_STATUSES = frozenset({"accepted", "duplicate"})
+UNKNOWN_KEY = "unknown_key"
 # Backoff: 0.5 s doubling, jittered, never more than a minute between tries.
 BACKOFF_MULTIPLIER_S = 0.5
 BACKOFF_CAP_S = 60.0
@@ -72,6 +77,7 @@ class Shipper:
         *,
         client: httpx.Client,
         batch_limit: int = 50,
+        registrar: registration.KeyRegistrar | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 < batch_limit <= MAX_BATCHES_PER_REQUEST:
@@ -79,6 +85,7 @@ class Shipper:
         self.store = store
         self.client = client
         self.batch_limit = batch_limit
+        self.registrar = registrar
         self.stats = ShipStats()
         self._clock = clock
 
@@ -87,6 +94,8 @@ class Shipper:
 
         Raises `RetryableShipError` when the API should be tried again later.
         """
+        if self.registrar is not None and not self.registrar.registered:
+            self._register(self.registrar)
         pending = self.store.pending(self.batch_limit)
         if not pending:
             return 0
@@ -125,14 +134,34 @@ class Shipper:
         ]
         self.store.mark(shipped, spool.SHIPPED)
         self.stats.shipped += len(shipped)
+        self.stats.last_success_at_s = self._clock()
+        unknown = [
+            key for key, (status, _) in zip(keys, answers, strict=True) if status == UNKNOWN_KEY
+        ]
+        if unknown and self.registrar is not None:
+            self.registrar.forget()
+            self.stats.failures += 1
+            raise RetryableShipError(
+                f"the API does not know key {unknown[0][0]}: registering it again"
+            )
         for key, (status, detail) in zip(keys, answers, strict=True):
             if status not in SHIPPED_STATUSES:
                 logger.error(
                     "ingest rejected seq %d of key %s: %s %s", key[1], key[0], status, detail or ""
                 )
                 self._reject([key], status, detail)
-        self.stats.last_success_at_s = self._clock()
         return len(keys)
+
+    def _register(self, registrar: registration.KeyRegistrar) -> None:
+        try:
+            registrar.register()
+        except registration.RegistrationRefusedError as exc:
+            self.stats.failures += 1
+            logger.error("%s", exc)  # the provider must fix the token; batches wait meanwhile
+            raise RetryableShipError(str(exc)) from exc
+        except (httpx.HTTPError, errors.MeteringError) as exc:
+            self.stats.failures += 1
+            raise RetryableShipError(f"key registration failed: {exc}") from exc
 
     def _reject(self, keys: list[tuple[str, int]], status: str, detail: Any) -> None:
         self.store.mark(keys, spool.REJECTED, f"{status}: {detail}" if detail else status)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gpudelivery import batches
+from gpudelivery import batches, signing
 from gpudelivery.metering import keys, spool
 
 from utils.kube import core_api, running_cluster, write_kubeconfig
@@ -215,3 +215,34 @@ def test_the_node_condition_turns_false_naming_a_gpu_that_falls_off_the_bus(
         poll(lambda: gpu_condition() == expected)
         kinds = [condition.type for condition in api.read_node(NODE).status.conditions]
         assert kinds == ["Ready", "GPUHealthy"]
+
+
+def test_the_agent_registers_its_key_with_the_bootstrap_token_then_ships(
+    nvml_sim_dir: Path,
+    state_dir: Path,
+    tmp_path: Path,
+    start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
+) -> None:
+    token = "bootstrap-" + "x7" * 16
+    (tmp_path / "token").write_text(token + "\n")
+    receiver = IngestDouble([], bootstrap_token=token)
+    receiver.start()
+    try:
+        env = environment(
+            nvml_sim_dir,
+            state_dir,
+            shipping__api_url=receiver.url,
+            shipping__bootstrap_token_file=str(tmp_path / "token"),
+        )
+        key_id = signing.key_id(keys.load_or_create(state_dir).public_key)  # before the agent
+        agent = start_agent(env)
+        poll(lambda: len(stored(receiver, key_id)) >= 2)
+        agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0
+        assert receiver.key_nodes == {key_id: NODE}
+        assert receiver.registrations == [(201, f"Bearer {token}")]
+        assert f"registered key {key_id} for node {NODE}" in err
+        assert token not in out + err
+    finally:
+        receiver.stop()

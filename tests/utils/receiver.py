@@ -2,7 +2,9 @@
 
 It verifies every batch with the core (signature, key, chain order), deduplicates on
 (node, key, seq) and hash, and answers per batch as the contract says. Tests can make it
-answer 503 for a while, refuse requests outright, or not listen at all (down).
+answer 503 for a while, refuse requests outright, or not listen at all (down). With a
+`bootstrap_token`, it registers node keys as `POST /v1/meter/keys` says; a registered key
+is accepted only for its node.
 """
 
 from __future__ import annotations
@@ -27,8 +29,17 @@ def free_port() -> int:
 class IngestDouble:
     """Stores verified batches per (node, key id) chain; `stored` is what it accepted."""
 
-    def __init__(self, keys: list[ed25519.Ed25519PublicKey], port: int | None = None) -> None:
+    def __init__(
+        self,
+        keys: list[ed25519.Ed25519PublicKey],
+        port: int | None = None,
+        *,
+        bootstrap_token: str | None = None,
+    ) -> None:
         self.keys = {signing.key_id(key): key for key in keys}
+        self.bootstrap_token = bootstrap_token
+        self.key_nodes: dict[str, str] = {}  # key id -> node, for registered keys
+        self.registrations: list[tuple[int, str | None]] = []  # (status, authorization)
         self.port = port or free_port()
         self.stored: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.requests = 0
@@ -49,7 +60,11 @@ class IngestDouble:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
-                status, answer, headers = double.handle(self.path, body)
+                authorization = self.headers.get("authorization")
+                if self.path == "/v1/meter/keys":
+                    status, answer, headers = double.register(authorization, body)
+                else:
+                    status, answer, headers = double.handle(self.path, body)
                 payload = json.dumps(answer).encode()
                 self.send_response(status)
                 for name, value in headers.items():
@@ -70,6 +85,34 @@ class IngestDouble:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def register(self, authorization: str | None, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            self.requests += 1
+            status, answer = self._register(authorization, body)
+            self.registrations.append((status, authorization))
+            return status, answer, {}
+
+    def _register(self, authorization: str | None, body: bytes) -> tuple[int, Any]:
+        if self.busy_answers:
+            self.busy_answers -= 1
+            return 503, {"detail": "busy"}
+        if self.bootstrap_token is None or authorization != f"Bearer {self.bootstrap_token}":
+            return 401, {"detail": "bootstrap token required"}
+        request = json.loads(body)
+        key = signing.load_public_pem(request["public_key_pem"].encode())
+        key_id = signing.key_id(key)
+        if self.key_nodes.get(key_id, request["node"]) != request["node"]:
+            return 409, {"detail": "key registered for another node"}
+        status = 200 if key_id in self.key_nodes else 201
+        self.keys[key_id] = key
+        self.key_nodes[key_id] = request["node"]
+        return status, {"node": request["node"], "key_id": key_id, "registered_at": "now"}
+
+    def revoke(self, key_id: str) -> None:
+        with self._lock:
+            self.keys.pop(key_id, None)
+            self.key_nodes.pop(key_id, None)
 
     def handle(self, path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         with self._lock:
@@ -95,8 +138,9 @@ class IngestDouble:
             "key_id": document.get("key_id"),
             "seq": document.get("seq"),
         }
-        key = self.keys.get(str(document.get("key_id")))
-        if key is None:
+        key_id = str(document.get("key_id"))
+        key = self.keys.get(key_id)
+        if key is None or self.key_nodes.get(key_id, document.get("node")) != document.get("node"):
             return {**answer, "status": "unknown_key"}
         try:
             batch = batches.verify_batch(document, key)
