@@ -9,7 +9,9 @@ before the process ends; a `kill -9` loses at most the unspooled part of the cur
 and the chain continues from the spool on restart.
 
 A condition thread publishes the GPUs' health on the Node as `GPUHealthy`
-(metering.node_condition) when the agent can reach the API server.
+(metering.node_condition), and records name the pods using each GPU (metering.attribution,
+with pods found by UID through metering.pods), when the agent can reach the kubelet and the
+API server; without them, metering goes on.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from gpudelivery.metering import (
+    attribution,
     errors,
     keys,
+    kube,
     metrics,
     node_condition,
     nvml,
+    pods,
     registration,
     sampling,
     shipping,
@@ -66,11 +72,27 @@ class Agent:
             max_bytes=settings.spool.max_bytes,
         )
         self.source = source_factory()
+        kube_api = self._kube_api()
+        self.pod_index: pods.NodePods | None = None
+        self.attribution: attribution.KubeletPodAttribution | None = None
+        found = settings.attribution
+        if found.enabled:
+            if kube_api is not None:
+                self.pod_index = pods.NodePods(kube_api, settings.node_name)
+            self.attribution = attribution.KubeletPodAttribution(
+                socket_path=found.socket,
+                proc_root=found.proc_root,
+                pod_of_uid=self.pod_index,
+                gpu_resources=found.gpu_resources,
+                ttl_s=found.ttl_s,
+                timeout_s=found.timeout_s,
+            )
         interval_s = settings.sampling.interval_s
         self.sampler = sampling.Sampler(
             self.source,
             interval_s=interval_s,
             max_interval_s=interval_s * settings.sampling.max_gap_rounds,
+            pods=self.attribution,
         )
         self.shipper: shipping.Shipper | None = None
         if settings.shipping.api_url is not None:
@@ -94,19 +116,13 @@ class Agent:
                 registrar=registrar,
             )
         self.condition: node_condition.NodeConditionPublisher | None = None
-        condition = settings.node_condition
-        if condition.enabled:
-            kubeconfig = None if condition.kubeconfig is None else str(condition.kubeconfig)
-            api = node_condition.core_api(kubeconfig)
-            if api is None:
-                logger.warning(
-                    "no service account and no kubeconfig: the %s condition is not published",
-                    node_condition.CONDITION_TYPE,
-                )
-            else:
-                self.condition = node_condition.NodeConditionPublisher(
-                    api, settings.node_name, heartbeat_s=condition.heartbeat_s, clock=clock
-                )
+        if settings.node_condition.enabled and kube_api is not None:
+            self.condition = node_condition.NodeConditionPublisher(
+                kube_api,
+                settings.node_name,
+                heartbeat_s=settings.node_condition.heartbeat_s,
+                clock=clock,
+            )
         self.registry.register(
             metrics.MeterCollector(
                 node=settings.node_name,
@@ -115,9 +131,26 @@ class Agent:
                 state=self.state,
                 shipper=self.shipper,
                 condition=self.condition,
+                attribution=self.attribution,
+                pod_index=self.pod_index,
             )
         )
         self.server: Any = None
+
+    def _kube_api(self) -> client.CoreV1Api | None:
+        """The API server's client, when a part that needs it is on and one is configured."""
+        settings = self.settings
+        if not (settings.node_condition.enabled or settings.attribution.enabled):
+            return None
+        kubeconfig = None if settings.kubeconfig is None else str(settings.kubeconfig)
+        api = kube.core_api(kubeconfig)
+        if api is None:
+            logger.warning(
+                "no service account and no kubeconfig: no %s Node condition, and processes "
+                "are not traced to pods",
+                node_condition.CONDITION_TYPE,
+            )
+        return api
 
     def healthy(self) -> tuple[bool, str]:
         """Fresh samples, or why not (for /healthz)."""

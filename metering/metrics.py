@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpudelivery.metering import node_condition, sampling, shipping, spool
+from gpudelivery.metering import attribution, node_condition, pods, sampling, shipping, spool
 
 __all__ = ["AgentState", "MeterCollector", "serve"]
 
@@ -54,6 +54,8 @@ class MeterCollector(Collector):
         state: AgentState,
         shipper: shipping.Shipper | None,
         condition: node_condition.NodeConditionPublisher | None = None,
+        attribution: attribution.KubeletPodAttribution | None = None,
+        pod_index: pods.NodePods | None = None,
     ) -> None:
         self.node = node
         self.sampler = sampler
@@ -61,6 +63,8 @@ class MeterCollector(Collector):
         self.state = state
         self.shipper = shipper
         self.condition = condition
+        self.attribution = attribution
+        self.pod_index = pod_index
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
@@ -174,6 +178,18 @@ class MeterCollector(Collector):
                 PREFIX + "node_condition_errors",
                 "Writes of the GPUHealthy Node condition that failed.",
                 value=self.condition.errors,
+            )
+        if self.attribution is not None:
+            yield CounterMetricFamily(
+                PREFIX + "attribution_errors",
+                "Calls to the kubelet's pod-resources API that failed.",
+                value=self.attribution.errors,
+            )
+        if self.pod_index is not None:
+            yield CounterMetricFamily(
+                PREFIX + "pod_list_errors",
+                "Lists of this node's pods from the API server that failed.",
+                value=self.pod_index.errors,
             )
         if self.shipper is not None:
             stats = self.shipper.stats

@@ -13,8 +13,7 @@ condition shows. `lastTransitionTime` moves only when the status flips, also acr
 agent restart (the Node's current condition is read once at start). Nothing is written
 before the first sampling round: a condition claims only what was measured.
 
-The Kubernetes client comes from the pod's service account (in a cluster) or a kubeconfig
-file (`node_condition.kubeconfig`); with neither, the condition is not published.
+The Kubernetes client comes from metering.kube: the pod's service account, or a kubeconfig.
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from gpudelivery import timefmt
 from gpudelivery.metering import errors, health
@@ -37,7 +35,6 @@ __all__ = [
     "CONDITION_TYPE",
     "Condition",
     "NodeConditionPublisher",
-    "core_api",
     "gpu_condition",
 ]
 
@@ -76,21 +73,6 @@ def gpu_condition(verdicts: Mapping[str, health.Verdict]) -> Condition:
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     return Condition("False", REASON_UNHEALTHY, message)
-
-
-def core_api(kubeconfig: str | None) -> client.CoreV1Api | None:
-    """A CoreV1Api from `kubeconfig`, else from the pod's service account, else None."""
-    try:
-        if kubeconfig is not None:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-            return client.CoreV1Api(api_client)
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        return client.CoreV1Api(client.ApiClient(configuration))
-    except ConfigException as exc:
-        if kubeconfig is not None:
-            raise errors.MeteringError(f"{kubeconfig}: not a usable kubeconfig: {exc}") from exc
-        return None
 
 
 class NodeConditionPublisher:

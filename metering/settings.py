@@ -65,11 +65,6 @@ class NodeConditionSettings(BaseModel):
         description="Publish GPU health as the Node condition GPUHealthy (needs RBAC: get and "
         "patch on nodes/status).",
     )
-    kubeconfig: Path | None = Field(
-        default=None,
-        description="Kubeconfig file to reach the API server; unset: the pod's service account "
-        "(not in a cluster either: not published).",
-    )
     interval_s: int = Field(
         default=5, ge=1, le=300, description="Seconds between checks of the GPUs' verdicts."
     )
@@ -79,6 +74,28 @@ class NodeConditionSettings(BaseModel):
         le=3600,
         description="Rewrite an unchanged condition this often (its lastHeartbeatTime).",
     )
+
+
+class AttributionSettings(BaseModel):
+    enabled: bool = Field(default=True, description="Name the pods using each GPU in records.")
+    socket: Path = Field(
+        default=Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        description="The kubelet's pod-resources socket (mounted from the host).",
+    )
+    proc_root: Path = Field(
+        default=Path("/proc"),
+        description="The host's /proc, where NVML's PIDs live (hostPID, or the host's /proc "
+        "mounted here).",
+    )
+    gpu_resources: list[str] = Field(
+        default=["nvidia.com/"],
+        min_length=1,
+        description="Resource names that are GPUs; one ending in / takes its whole domain.",
+    )
+    ttl_s: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds one kubelet answer is used for."
+    )
+    timeout_s: float = Field(default=2.0, gt=0, le=30, description="Timeout of a kubelet call.")
 
 
 class MeterSettings(BaseSettings):
@@ -96,6 +113,12 @@ class MeterSettings(BaseSettings):
     shipping: ShippingSettings = ShippingSettings()
     server: ServerSettings = ServerSettings()
     node_condition: NodeConditionSettings = NodeConditionSettings()
+    attribution: AttributionSettings = AttributionSettings()
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="Kubeconfig file to reach the API server (node condition, pods by UID); "
+        "unset: the pod's service account; neither: both are off.",
+    )
 
     @model_validator(mode="after")
     def _batches_hold_whole_rounds(self) -> MeterSettings:

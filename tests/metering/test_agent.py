@@ -17,6 +17,7 @@ from gpudelivery import batches, signing
 from gpudelivery.metering import keys, spool
 
 from utils.kube import core_api, running_cluster, write_kubeconfig
+from utils.kubelet import FakeKubelet, pod, short_socket_path
 from utils.nvml import SCENARIOS
 from utils.polling import poll
 from utils.receiver import IngestDouble, free_port
@@ -192,7 +193,7 @@ def test_the_node_condition_turns_false_naming_a_gpu_that_falls_off_the_bus(
         env = environment(
             nvml_sim_dir,
             state_dir,
-            node_condition__kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", url)),
+            kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", url)),
             node_condition__interval_s="1",
         )
         # GPU 3 reports XID 79 and is lost 30 s into the scenario: 10 s from now.
@@ -246,3 +247,66 @@ def test_the_agent_registers_its_key_with_the_bootstrap_token_then_ships(
         assert token not in out + err
     finally:
         receiver.stop()
+
+
+def test_records_name_the_pods_the_kubelet_and_the_processes_point_to(
+    nvml_sim_dir: Path,
+    state_dir: Path,
+    tmp_path: Path,
+    start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
+) -> None:
+    gpu = "GPU-6c2b3c1a-1d2e-4f30-8a41-5b6c7d8e9f0{}".format
+    uid_b, uid_c = "a1b2c3d4-e5f6-4789-abcd-ef0123456789", "77e1a0c2-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
+    # GPU 1's process (pid 41002 in the scenario) runs in pod ml/b, cgroup v2, systemd driver.
+    proc = tmp_path / "proc"
+    (proc / "41002").mkdir(parents=True)
+    (proc / "41002" / "cgroup").write_text(
+        "0::/kubepods.slice/kubepods-burstable.slice/"
+        f"kubepods-burstable-pod{uid_b.replace('-', '_')}.slice/cri-containerd-{'ab' * 32}.scope\n"
+    )
+    key = keys.load_or_create(state_dir)
+    receiver = IngestDouble([key.public_key])
+    receiver.start()
+    with short_socket_path() as socket, running_cluster() as (_, url):
+        kubelet = FakeKubelet(socket)
+        # ml/a holds GPU 0 alone; ml/b and ml/c share GPU 1 (time-slicing replicas).
+        kubelet.pods = [
+            pod("ml", "a", [("nvidia.com/gpu", [gpu(0)])]),
+            pod("ml", "b", [("nvidia.com/gpu", [f"{gpu(1)}::0"])]),
+            pod("ml", "c", [("nvidia.com/gpu", [f"{gpu(1)}::1"])]),
+        ]
+        kubelet.start()
+        api = core_api(url)
+        for name, uid in (("b", uid_b), ("c", uid_c)):
+            api.create_namespaced_pod(
+                "ml",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"namespace": "ml", "name": name, "uid": uid},
+                    "spec": {"nodeName": NODE, "containers": [{"name": "c0", "image": "x"}]},
+                },
+            )
+        try:
+            env = environment(
+                nvml_sim_dir,
+                state_dir,
+                shipping__api_url=receiver.url,
+                kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", url)),
+                attribution__socket=str(socket),
+                attribution__proc_root=str(proc),
+            )
+            agent = start_agent(env)
+            poll(lambda: len(stored(receiver, key.key_id)) >= 3)
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=30) == 0
+        finally:
+            kubelet.stop()
+            receiver.stop()
+    documents = receiver.stored[(NODE, key.key_id)]
+    batches.verify_chain(documents, key.public_key)
+    records = [record for document in documents[1:] for record in document["records"]]
+    pods_by_gpu = {record["gpu_uuid"]: tuple(record["pods"]) for record in records}
+    assert pods_by_gpu[gpu(0)] == ("ml/a",)
+    assert pods_by_gpu[gpu(1)] == ("ml/b",)  # of the two holders, the one running on it
+    assert pods_by_gpu[gpu(2)] == ()

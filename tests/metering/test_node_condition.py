@@ -11,7 +11,7 @@ import pytest
 from kubernetes import client
 
 from gpudelivery import errors as core_errors
-from gpudelivery.metering import errors, health, node_condition
+from gpudelivery.metering import errors, health, kube, node_condition
 
 from utils.factories import EPOCH
 from utils.kube import core_api, merge_by_key, running_cluster, write_kubeconfig
@@ -234,7 +234,7 @@ def test_a_kubeconfig_file_gives_a_client_of_that_server(
     cluster: tuple[client.CoreV1Api, str], tmp_path: Path
 ) -> None:
     _, url = cluster
-    api = node_condition.core_api(str(write_kubeconfig(tmp_path / "kubeconfig", url)))
+    api = kube.core_api(str(write_kubeconfig(tmp_path / "kubeconfig", url)))
     assert api is not None
     assert api.read_node(NODE).metadata.name == NODE
 
@@ -243,13 +243,13 @@ def test_outside_a_cluster_without_a_kubeconfig_there_is_no_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    assert node_condition.core_api(None) is None
+    assert kube.core_api(None) is None
 
 
 def test_a_broken_kubeconfig_is_an_error_naming_the_file(tmp_path: Path) -> None:
     broken = tmp_path / "kubeconfig"
     broken.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
     with pytest.raises(errors.MeteringError) as caught:
-        node_condition.core_api(str(broken))
+        kube.core_api(str(broken))
     assert str(caught.value).startswith(f"{broken}: not a usable kubeconfig: ")
     assert not isinstance(caught.value, core_errors.InputError)
