@@ -137,6 +137,8 @@ class MeterCollector(Collector):
                     gauges[name].add_metric(labels, float(value))
             if reading.energy_mj is not None:
                 energy.add_metric(labels, reading.energy_mj / 1000)
+            for pod in recorder.last_pods:
+                gauges["pods"].add_metric([*labels, pod], 1.0)
         yield from gauges.values()
         yield energy
         yield xids

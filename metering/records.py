@@ -46,6 +46,7 @@ class GpuRecorder:
         self._xids: list[int] = []
         self.last_reading: GpuReading | None = None
         self.last_verdict: health.Verdict | None = None
+        self.last_pods: tuple[str, ...] = ()
         self.xid_counts: dict[int, int] = {}
 
     def observe_xid(self, code: int) -> None:
@@ -86,6 +87,7 @@ class GpuRecorder:
             record["reasons"] = list(verdict.reasons)
         record["xids"] = xids
         if reading.error is not None:
+            self.last_pods = ()
             return record
         # Only what was measured: a field the driver does not support is left out, and
         # counter deltas need two readings of a counter that did not stall.
@@ -110,4 +112,5 @@ class GpuRecorder:
         if reading.remapped_correctable is not None and reading.remapped_uncorrectable is not None:
             record["remapped_rows"] = reading.remapped_correctable + reading.remapped_uncorrectable
         record["pods"] = sorted(pods) if pods else []
+        self.last_pods = tuple(record["pods"])
         return record

@@ -256,6 +256,7 @@ def test_records_name_the_pods_the_kubelet_and_the_processes_point_to(
     start_agent: Callable[[dict[str, str]], subprocess.Popen[str]],
 ) -> None:
     gpu = "GPU-6c2b3c1a-1d2e-4f30-8a41-5b6c7d8e9f0{}".format
+    port = free_port()
     uid_b, uid_c = "a1b2c3d4-e5f6-4789-abcd-ef0123456789", "77e1a0c2-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
     # GPU 1's process (pid 41002 in the scenario) runs in pod ml/b, cgroup v2, systemd driver.
     proc = tmp_path / "proc"
@@ -295,9 +296,11 @@ def test_records_name_the_pods_the_kubelet_and_the_processes_point_to(
                 kubeconfig=str(write_kubeconfig(tmp_path / "kubeconfig", url)),
                 attribution__socket=str(socket),
                 attribution__proc_root=str(proc),
+                server__port=str(port),
             )
             agent = start_agent(env)
             poll(lambda: len(stored(receiver, key.key_id)) >= 3)
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(timeout=30) == 0
         finally:
@@ -310,3 +313,10 @@ def test_records_name_the_pods_the_kubelet_and_the_processes_point_to(
     assert pods_by_gpu[gpu(0)] == ("ml/a",)
     assert pods_by_gpu[gpu(1)] == ("ml/b",)  # of the two holders, the one running on it
     assert pods_by_gpu[gpu(2)] == ()
+    pod_info = sorted(
+        line for line in scraped.splitlines() if line.startswith("gpudelivery_meter_gpu_pod_info{")
+    )
+    assert pod_info == [
+        f'gpudelivery_meter_gpu_pod_info{{gpu="0",node="{NODE}",pod="ml/a",uuid="{gpu(0)}"}} 1.0',
+        f'gpudelivery_meter_gpu_pod_info{{gpu="1",node="{NODE}",pod="ml/b",uuid="{gpu(1)}"}} 1.0',
+    ]
