@@ -8,25 +8,26 @@ times as RFC 3339 strings, counts as integers.
 `rfc8785` is the reference. Meter batches are canonicalised on every node every few
 seconds, and `rfc8785` is pure Python, so values made only of strings, booleans, nulls,
 integers below 2^53, lists and objects whose keys hold no character past U+D7FF take a
-fast path through the standard library's C encoder, which produces exactly the same bytes
-for them: keys sorted by code point (equal to UTF-16 order below the surrogates), minimal
-escaping with lower-case hex, no spaces. Anything else (floats above all, whose RFC 8785
+fast path through `orjson` (compiled, several times faster than even the standard
+library's C encoder), which produces exactly the same bytes for them: keys sorted by code
+point (equal to UTF-16 order below the surrogates), minimal escaping with lower-case hex,
+no spaces. Anything else (floats above all, whose RFC 8785
 form is ECMAScript's) goes to `rfc8785`. A property test holds the two paths equal.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+import orjson
 import rfc8785
 
 from gpudelivery import errors
 
 __all__ = ["canonical_json", "is_plain", "sha256_hex"]
 
-_FAST = json.JSONEncoder(ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"))
+_FAST_OPTIONS = orjson.OPT_SORT_KEYS
 # RFC 8785 numbers are IEEE doubles: integers must stay below this to survive.
 _MAX_SAFE_INTEGER = 2**53
 # Below the surrogates, code-point order (Python's) and UTF-16 order (RFC 8785's) agree.
@@ -36,7 +37,7 @@ _KINDS = _SCALARS | {int, dict, list, tuple}
 
 
 def is_plain(value: Any) -> bool:
-    """True when the C encoder serialises `value` exactly as RFC 8785 does.
+    """True when the fast encoder serialises `value` exactly as RFC 8785 does.
 
     It walks the value a level at a time, each level's checks done by built-ins over whole
     lists (this runs over every field of every meter record) rather than item by item.
@@ -77,9 +78,9 @@ def canonical_json(value: Any, *, assume_plain: bool = False) -> bytes:
     """
     if assume_plain or is_plain(value):
         try:
-            return _FAST.encode(value).encode("utf-8")
-        except UnicodeEncodeError:
-            pass  # a lone surrogate: let rfc8785 refuse it with its own message
+            return orjson.dumps(value, option=_FAST_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass  # a lone surrogate, say: let rfc8785 refuse it with its own message
     try:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
