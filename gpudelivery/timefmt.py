@@ -11,7 +11,8 @@ is worse than failing.
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import datetime, timedelta
 
 from gpudelivery import errors
 
@@ -48,4 +49,6 @@ def parse_utc(value: object, *, field: str) -> int:
 @functools.lru_cache(maxsize=1024)
 def format_utc(epoch_s: int) -> str:
     """Format epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`."""
-    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # time.gmtime, not datetime: a third of the cost, and the meter formats a new second
+    # every round.
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))

@@ -51,6 +51,11 @@ class HealthTracker:
     def critical_xids(self) -> tuple[int, ...]:
         return tuple(self._critical_xids)
 
+    @property
+    def alarmed(self) -> bool:
+        """A critical XID is on record: the GPU stays unhealthy until it is reset."""
+        return bool(self._critical_xids)
+
     def observe_xid(self, code: int) -> None:
         if is_critical_xid(code) and code not in self._critical_xids:
             self._critical_xids.append(code)

@@ -25,6 +25,7 @@ __all__ = ["GpuSource", "PynvmlSource", "XidEvent"]
 # How long one wait for an XID may block: short, so the event thread notices a shutdown.
 XID_WAIT_MS = 500
 _JSON_INTEGER_LIMIT = 2**53
+_field = object.__getattribute__
 _TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
 _CORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
 _UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
@@ -110,22 +111,27 @@ class PynvmlSource:
                 uuid, at_s, error=str(exc), lost=isinstance(exc, pynvml.NVMLError_GpuIsLost)
             )
         correctable, uncorrectable, pending, failed = remapped or (None, None, 0, 0)
+        # Positional, in GpuReading's field order: this runs for every GPU every second.
+        # The structures' fields are read with object.__getattribute__: pynvml's own
+        # __getattribute__ (a Python frame per read) only decodes bytes, and these are ints.
         return GpuReading(
             uuid,
             at_s,
-            utilization_gpu_pct=rates.gpu,
-            utilization_memory_pct=rates.memory,
-            memory_used_bytes=_measured(memory.used),
-            power_mw=power_mw,
-            energy_mj=_measured(energy),
-            temperature_c=temperature,
-            ecc_corrected=_measured(corrected),
-            ecc_uncorrected=_measured(uncorrected),
-            remapped_correctable=correctable,
-            remapped_uncorrectable=uncorrectable,
-            remap_pending=bool(pending),
-            remap_failed=bool(failed),
-            pids=tuple(sorted(process.pid for process in processes)),
+            None,  # error
+            False,  # lost
+            _field(rates, "gpu"),
+            _field(rates, "memory"),
+            _measured(_field(memory, "used")),
+            power_mw,
+            _measured(energy),
+            temperature,
+            _measured(corrected),
+            _measured(uncorrected),
+            correctable,
+            uncorrectable,
+            bool(pending),
+            bool(failed),
+            tuple(sorted([process.pid for process in processes])),
         )
 
     def wait_xid(self, timeout_ms: int) -> XidEvent | None:

@@ -44,24 +44,30 @@ class Sampler:
             uuid: GpuRecorder(uuid, interval_s=interval_s, max_interval_s=max_interval_s)
             for uuid in self.uuids
         }
+        self._in_order = tuple(self._recorders[uuid] for uuid in self.uuids)
         self._lock = threading.Lock()
 
     def round(self, at_s: int) -> list[dict[str, Any]]:
         """Read every GPU at `at_s`; the records of the interval this round closes."""
-        records = []
-        for index, uuid in enumerate(self.uuids):
-            reading = self.source.read(index, at_s=at_s)
-            pods = self.pods.pods_for(uuid, reading.pids) if self.pods and reading.readable else ()
-            with self._lock:
-                record = self._recorders[uuid].record(reading, pods=pods)
-            if record is not None:
-                records.append(record)
-        return records
+        readings = [self.source.read(index, at_s=at_s) for index in range(len(self.uuids))]
+        attribution = self.pods
+        pods = [
+            attribution.pods_for(reading.uuid, reading.pids)
+            if attribution is not None and reading.error is None
+            else ()
+            for reading in readings
+        ]
+        with self._lock:  # once a round: the XID thread waits at most that long
+            records = [
+                recorder.record(reading, pods=used_by)
+                for recorder, reading, used_by in zip(self._in_order, readings, pods, strict=True)
+            ]
+        return [record for record in records if record is not None]
 
     @property
     def recorders(self) -> tuple[GpuRecorder, ...]:
         """Each GPU's recorder, in index order (their last readings feed the metrics)."""
-        return tuple(self._recorders[uuid] for uuid in self.uuids)
+        return self._in_order
 
     def verdicts(self) -> dict[str, health.Verdict]:
         """Each GPU's latest health verdict, for the GPUs read at least once."""
