@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIM = ROOT / "metering" / "nvml-sim"
 SCENARIO = SIM / "scenarios" / "h100x8.yaml"
 
-# Both paths run in one process on the same driver handles, alternating, and each keeps
-# its fastest repetition: on a noisy machine the minimum is the figure that repeats.
+# Both paths run in one process on the same driver handles, alternating in short
+# repetitions (10 batches each), and each keeps its fastest: on a noisy machine the
+# minimum of many short runs is the figure that repeats.
 PROGRAM = """
 import json, tempfile, time
 from pathlib import Path
@@ -138,13 +139,13 @@ def node_load(seconds: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1000, help="rounds per repetition")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=100, help="rounds per repetition")
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--load-seconds", type=int, default=60)
-    parser.add_argument("--quick", action="store_true", help="3 x 300 rounds, 10 s of load")
+    parser.add_argument("--quick", action="store_true", help="10 x 100 rounds, 10 s of load")
     options = parser.parse_args()
     rounds, repeats, load_s = (
-        (300, 3, 10) if options.quick else (options.rounds, options.repeats, options.load_seconds)
+        (100, 10, 10) if options.quick else (options.rounds, options.repeats, options.load_seconds)
     )
     subprocess.run(["make", "--silent", "-C", str(SIM)], check=True)
     gpus = 8

@@ -24,6 +24,9 @@ __all__ = ["GpuSource", "PynvmlSource", "XidEvent"]
 
 # How long one wait for an XID may block: short, so the event thread notices a shutdown.
 XID_WAIT_MS = 500
+# A 64-bit driver counter at or past 2^53 is not a measurement: no real GPU gets there, and
+# a meter record holds only integers a JSON number (an IEEE double) holds exactly. Such a
+# value reads as None.
 _JSON_INTEGER_LIMIT = 2**53
 _field = object.__getattribute__
 _TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
@@ -111,6 +114,17 @@ class PynvmlSource:
                 uuid, at_s, error=str(exc), lost=isinstance(exc, pynvml.NVMLError_GpuIsLost)
             )
         correctable, uncorrectable, pending, failed = remapped or (None, None, 0, 0)
+        # Counters past _JSON_INTEGER_LIMIT are not measurements; inline, as the rest of this
+        # tail, because it runs for every GPU every second.
+        used = _field(memory, "used")
+        if used >= _JSON_INTEGER_LIMIT:
+            used = None
+        if energy is not None and energy >= _JSON_INTEGER_LIMIT:
+            energy = None
+        if corrected is not None and corrected >= _JSON_INTEGER_LIMIT:
+            corrected = None
+        if uncorrected is not None and uncorrected >= _JSON_INTEGER_LIMIT:
+            uncorrected = None
         # Positional, in GpuReading's field order: this runs for every GPU every second.
         # The structures' fields are read with object.__getattribute__: pynvml's own
         # __getattribute__ (a Python frame per read) only decodes bytes, and these are ints.
@@ -121,12 +135,12 @@ class PynvmlSource:
             False,  # lost
             _field(rates, "gpu"),
             _field(rates, "memory"),
-            _measured(_field(memory, "used")),
+            used,
             power_mw,
-            _measured(energy),
+            energy,
             temperature,
-            _measured(corrected),
-            _measured(uncorrected),
+            corrected,
+            uncorrected,
             correctable,
             uncorrectable,
             bool(pending),
@@ -141,7 +155,9 @@ class PynvmlSource:
             return None
         except pynvml.NVMLError as exc:
             raise errors.MeteringError(f"waiting for NVML events failed: {exc}") from exc
-        code = min(int(data.eventData), _JSON_INTEGER_LIMIT - 1)  # still critical, still JSON
+        # A driver value past 2^53 is not a measurement a record can hold (JSON numbers are
+        # doubles): clamped, it stays a critical XID.
+        code = min(int(data.eventData), _JSON_INTEGER_LIMIT - 1)
         return XidEvent(uuid=pynvml.nvmlDeviceGetUUID(data.device), code=code)
 
     def close(self) -> None:
@@ -149,9 +165,3 @@ class PynvmlSource:
             pynvml.nvmlEventSetFree(self._events)
         finally:
             pynvml.nvmlShutdown()
-
-
-def _measured(value: int | None) -> int | None:
-    """A 64-bit driver counter, or None past 2^53: no real GPU gets there, and a meter record
-    must hold only integers JSON (an IEEE double) holds exactly."""
-    return None if value is None or value >= _JSON_INTEGER_LIMIT else value

@@ -26,12 +26,6 @@ from gpudelivery.metering.readings import GpuReading
 __all__ = ["GpuRecorder"]
 
 
-def _delta(current: int | None, previous: int | None) -> int | None:
-    if current is None or previous is None or current < previous:
-        return None
-    return current - previous
-
-
 class GpuRecorder:
     """Turns one GPU's readings (and XIDs) into interval records."""
 
@@ -108,12 +102,20 @@ class GpuRecorder:
         if not stalled:
             if energy is not None and energy_before is not None:
                 record["energy_mj"] = energy if reset else energy - energy_before
-            corrected = _delta(ecc_corrected, previous.ecc_corrected)
-            if corrected is not None:
-                record["ecc_corrected"] = corrected
-            uncorrected = _delta(ecc_uncorrected, previous.ecc_uncorrected)
-            if uncorrected is not None:
-                record["ecc_uncorrected"] = uncorrected
+            corrected_before = previous.ecc_corrected
+            if (
+                ecc_corrected is not None
+                and corrected_before is not None
+                and ecc_corrected >= corrected_before
+            ):
+                record["ecc_corrected"] = ecc_corrected - corrected_before
+            uncorrected_before = previous.ecc_uncorrected
+            if (
+                ecc_uncorrected is not None
+                and uncorrected_before is not None
+                and ecc_uncorrected >= uncorrected_before
+            ):
+                record["ecc_uncorrected"] = ecc_uncorrected - uncorrected_before
         if remapped_correctable is not None and remapped_uncorrectable is not None:
             record["remapped_rows"] = remapped_correctable + remapped_uncorrectable
         self.last_pods = tuple(sorted(pods)) if pods else ()

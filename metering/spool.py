@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS batches (
     key_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     hash TEXT NOT NULL,
-    document TEXT NOT NULL,
+    document BLOB NOT NULL,  -- the signed batch's canonical bytes
     state TEXT NOT NULL DEFAULT 'pending',
     detail TEXT,
     PRIMARY KEY (key_id, seq)
@@ -121,7 +121,7 @@ class Spool:
                     self.key.key_id,
                     signed.document["seq"],
                     signed.hash,
-                    signed.canonical.decode("utf-8"),
+                    signed.canonical,  # stored as the signed bytes (a BLOB)
                 ),
             )
             self._db.execute("COMMIT")
