@@ -1,7 +1,10 @@
 """The settlement and proof API (FastAPI + SQLModel + Alembic).
 
-Not built yet: issue 4. This package only reserves the import name `gpudelivery.api`,
-mapped from the `api/` folder by pyproject.toml.
+`app` builds the FastAPI application; `routes` hold the HTTP surface, one module per area;
+the services beside them hold the rules and never commit (`contracts`, `ingest`,
+`evidence_log`); `auth` says who calls and what each role may do; `models` are the tables,
+changed only by `migrations`; `db` makes engines for PostgreSQL and SQLite; `settings`
+reads GPUDELIVERY_API_* and GPUDELIVERY_DATABASE_URL.
 """
 
-__all__: list[str] = []
+__all__ = ["app", "auth", "contracts", "db", "errors", "migrations", "models", "settings"]

@@ -39,6 +39,13 @@ keys_app = typer.Typer(
     help="Ed25519 keys for signing proofs and meter batches.", no_args_is_help=True
 )
 app.add_typer(keys_app, name="keys")
+api_app = typer.Typer(
+    help="The settlement and proof API (GPUDELIVERY_DATABASE_URL, GPUDELIVERY_API_*).",
+    no_args_is_help=True,
+)
+app.add_typer(api_app, name="api")
+api_keys_app = typer.Typer(help="API keys of the API's principals.", no_args_is_help=True)
+api_app.add_typer(api_keys_app, name="keys")
 
 _err = Console(stderr=True, highlight=False)
 
@@ -274,6 +281,99 @@ def _run_agent() -> None:
         agent.Agent(settings).run(stop)
     except metering_errors.MeteringError as exc:
         _fail(str(exc))
+
+
+def _api_settings() -> Any:
+    import pydantic
+
+    from gpudelivery.api.settings import ApiSettings
+
+    try:
+        return ApiSettings()
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        _fail(f"GPUDELIVERY_API_{where.upper()}: {first['msg']}")
+
+
+@api_app.command("migrate")
+def api_migrate() -> None:
+    """Bring the database to the newest schema (run before `api serve`, and on upgrades)."""
+    import sqlalchemy.exc
+
+    from gpudelivery.api import migrations
+
+    settings = _api_settings()
+    try:
+        migrations.upgrade(settings.database_url)
+        revision = migrations.revision_of(settings.database_url)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        _fail(f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    _err.print(f"database at revision {revision}", markup=False)
+
+
+@api_app.command("serve")
+def api_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the API with uvicorn (the database must be migrated)."""
+    import uvicorn
+
+    from gpudelivery.api import migrations
+    from gpudelivery.api.app import create_app
+
+    settings = _api_settings()
+    if migrations.revision_of(settings.database_url) is None:
+        _fail("the database is not migrated: run `gpudelivery api migrate` first")
+    try:
+        application = create_app(settings)
+    except errors.InputError as exc:
+        _fail(str(exc))
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@api_keys_app.command("create")
+def api_keys_create(
+    role: Annotated[str, typer.Option(help="admin, exchange, buyer, operator or meter.")],
+    name: Annotated[str, typer.Option(help="The principal: an exchange's or buyer's name.")],
+) -> None:
+    """Create an API key and print it, once: only its hash is kept."""
+    from sqlmodel import Session
+
+    from gpudelivery.api import auth, db
+
+    try:
+        chosen = auth.Role(role)
+    except ValueError:
+        _fail(f"--role: must be one of {', '.join(r.value for r in auth.Role)}")
+    if not 0 < len(name) <= 128:
+        _fail("--name: must be 1 to 128 characters")
+    engine = db.engine_for(_api_settings().database_url)
+    with Session(engine) as session:
+        key, token = auth.create_key(session, name=name, role=chosen)
+        session.commit()
+        key_id = key.id
+    sys.stdout.write(token + "\n")
+    _err.print(f"created key {key_id} for {name} ({chosen.value}); it is not shown again")
+
+
+@api_keys_app.command("revoke")
+def api_keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke an API key: it answers 401 from now on."""
+    from sqlmodel import Session
+
+    from gpudelivery.api import auth, db
+    from gpudelivery.api import errors as api_errors
+
+    engine = db.engine_for(_api_settings().database_url)
+    with Session(engine) as session:
+        try:
+            auth.revoke_key(session, key_id=key_id)
+        except api_errors.ApiError as exc:
+            _fail(exc.detail)
+        session.commit()
+    _err.print(f"revoked key {key_id}")
 
 
 def main() -> None:

@@ -1,0 +1,173 @@
+"""The API's tables (SQLModel) and the shapes its routes read and answer.
+
+Per entity, the FastAPI template's family: `XCreate` (what a client sends), `X` (the
+table), `XPublic` (what a client gets back), `XsPublic` (a page of them). Times are whole
+epoch seconds in the tables and RFC 3339 UTC strings on the wire; money stays in the
+contract's canonical terms (decimal strings), never a float column.
+
+Tables change only through Alembic (api/migrations); `tests/api` checks that the migrated
+schema matches these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ApiKey",
+    "Capacity",
+    "Contract",
+    "ContractTransfer",
+    "Incident",
+    "MeterBatch",
+    "MeterKey",
+    "MeterRecordRow",
+    "TreeHead",
+]
+
+
+# A 64-bit row id that SQLite still numbers itself (only INTEGER PRIMARY KEY does there).
+_ROW_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
+def _big(*, primary_key: bool = False, index: bool = False, nullable: bool = False) -> Any:
+    """An integer column wide enough for epoch seconds, sequence numbers and energy."""
+    return Field(
+        sa_column=Column(BigInteger, primary_key=primary_key, index=index, nullable=nullable)
+    )
+
+
+class ApiKey(SQLModel, table=True):
+    """A principal's API key: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=16)
+    name: str = Field(index=True, max_length=128)
+    role: str = Field(max_length=16)
+    secret_hash: str = Field(max_length=64)
+    created_at: int = _big()
+    revoked_at: int | None = _big(nullable=True)
+
+
+class Contract(SQLModel, table=True):
+    """A delivery contract: the core's terms, who sent it, who holds it now."""
+
+    __tablename__ = "contracts"
+    __table_args__ = (
+        UniqueConstraint("exchange", "idempotency_key", name="contracts_idempotency"),
+        Index("contracts_by_window", "instrument", "start_s", "end_s"),
+    )
+
+    id: str = Field(primary_key=True, max_length=128)
+    exchange: str = Field(index=True, max_length=128)
+    holder: str | None = Field(default=None, index=True, max_length=128)
+    instrument: str = Field(max_length=63)
+    gpu_count: int
+    start_s: int = _big()
+    end_s: int = _big()
+    terms: str  # canonical JSON of the terms as sent (buyer = the first holder)
+    status: str = Field(max_length=16)
+    idempotency_key: str = Field(max_length=128)
+    created_at: int = _big()
+    cancelled_at: int | None = _big(nullable=True)
+
+
+class Capacity(SQLModel, table=True):
+    """How many GPUs of an instrument the provider can deliver at once (its pools' nodes
+    less their spares), as the operator reports it."""
+
+    __tablename__ = "capacity"
+
+    instrument: str = Field(primary_key=True, max_length=63)
+    gpus: int
+    updated_at: int = _big()
+
+
+class ContractTransfer(SQLModel, table=True):
+    """The holder of a contract changed at `at_s` (secondary market)."""
+
+    __tablename__ = "contract_transfers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    contract_id: str = Field(foreign_key="contracts.id", index=True, max_length=128)
+    from_holder: str | None = Field(default=None, max_length=128)
+    to_holder: str = Field(max_length=128)
+    at_s: int = _big()
+    recorded_at: int = _big()
+
+
+class MeterKey(SQLModel, table=True):
+    """A node's registered Ed25519 key."""
+
+    __tablename__ = "meter_keys"
+
+    key_id: str = Field(primary_key=True, max_length=64)
+    node: str = Field(index=True, max_length=253)
+    public_key_pem: str
+    registered_at: int = _big()
+    revoked_at: int | None = _big(nullable=True)
+
+
+class MeterBatch(SQLModel, table=True):
+    """A verified meter batch, kept as received: it is the evidence. Each is a leaf of the
+    evidence log (`leaf_index`), in the order the API accepted them."""
+
+    __tablename__ = "meter_batches"
+
+    key_id: str = Field(primary_key=True, foreign_key="meter_keys.key_id", max_length=64)
+    seq: int = _big(primary_key=True)
+    node: str = Field(index=True, max_length=253)
+    hash: str = Field(max_length=64)
+    leaf_index: int = Field(sa_column=Column(BigInteger, nullable=False, unique=True))
+    leaf_hash: str = Field(max_length=64)
+    document: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    received_at: int = _big()
+
+
+class MeterRecordRow(SQLModel, table=True):
+    """One meter record of a stored batch, flattened for the settlement's joins."""
+
+    __tablename__ = "meter_records"
+    __table_args__ = (Index("meter_records_by_gpu", "node", "gpu_uuid", "t0_s"),)
+
+    id: int | None = Field(default=None, sa_column=Column(_ROW_ID, primary_key=True))
+    key_id: str = Field(max_length=64)
+    seq: int = _big()
+    node: str = Field(max_length=253)
+    gpu_uuid: str = Field(max_length=96)
+    t0_s: int = _big()
+    t1_s: int = _big()
+    healthy: bool
+    utilization_gpu_pct: int | None = None
+    energy_mj: int | None = _big(nullable=True)
+
+
+class Incident(SQLModel, table=True):
+    """Something the evidence says went wrong: a gap or fork in a node's chain, a silent
+    meter. Recorded, never silently accepted."""
+
+    __tablename__ = "incidents"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32, index=True)
+    node: str = Field(max_length=253, index=True)
+    key_id: str | None = Field(default=None, max_length=64)
+    seq: int | None = _big(nullable=True)
+    detail: str
+    at_s: int = _big()
+
+
+class TreeHead(SQLModel, table=True):
+    """A signed head of the evidence log: its size and root at a time."""
+
+    __tablename__ = "tree_heads"
+
+    size: int = _big(primary_key=True)
+    root_hash: str = Field(max_length=64)
+    timestamp_s: int = _big()
+    key_id: str = Field(max_length=64)
+    signature: str

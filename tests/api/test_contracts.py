@@ -1,0 +1,321 @@
+"""Contracts over HTTP: creation with idempotency, capacity, ownership, cancel, transfer.
+
+Every test runs on SQLite and on PostgreSQL (tests/api/conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gpudelivery import timefmt
+from gpudelivery.api.auth import Role
+
+Tokens = Callable[[str, Role], dict[str, str]]
+HOUR = 3600
+
+
+def terms(contract_id: str = "EX-1", *, gpus: int = 16, start_in_h: int = 48, hours: int = 8,
+          buyer: str | None = "acme-ai") -> dict[str, Any]:  # fmt: skip
+    start = (int(time.time()) // HOUR + start_in_h) * HOUR
+    document: dict[str, Any] = {
+        "contract_id": contract_id,
+        "instrument": "H100-SXM-80GB",
+        "gpu_count": gpus,
+        "start": timefmt.format_utc(start),
+        "end": timefmt.format_utc(start + hours * HOUR),
+        "price_per_gpu_hour": "2.50",
+        "currency": "USD",
+        "penalty_tiers": [{"below": "0.99", "rate": "0.10"}],
+    }
+    if buyer is not None:
+        document["buyer"] = buyer
+    return document
+
+
+@pytest.fixture
+def headers(client: TestClient, token_for: Tokens) -> dict[str, dict[str, str]]:
+    """Keys of every role; the provider declares 32 H100s."""
+    keys = {
+        "admin": token_for("provider-staff", Role.ADMIN),
+        "exchange": token_for("cme", Role.EXCHANGE),
+        "other_exchange": token_for("ice", Role.EXCHANGE),
+        "buyer": token_for("acme-ai", Role.BUYER),
+        "other_buyer": token_for("globex", Role.BUYER),
+        "operator": token_for("operator", Role.OPERATOR),
+        "meter": token_for("node-1", Role.METER),
+    }
+    answer = client.put("/v1/capacity/H100-SXM-80GB", json={"gpus": 32}, headers=keys["operator"])
+    assert answer.status_code == 200, answer.text
+    return keys
+
+
+def send(client: TestClient, headers: dict[str, str], document: dict[str, Any],
+         key: str = "k-1") -> Any:  # fmt: skip
+    return client.post("/v1/contracts", json=document, headers={**headers, "Idempotency-Key": key})
+
+
+def test_an_exchange_creates_a_contract_and_reads_it_back(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = terms()
+    answer = send(client, headers["exchange"], document)
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert (created["contract_id"], created["exchange"], created["holder"]) == (
+        "EX-1",
+        "cme",
+        "acme-ai",
+    )
+    assert (created["status"], created["gpu_count"], created["start"]) == (
+        "booked",
+        16,
+        document["start"],
+    )
+    assert created["terms"]["price_per_gpu_hour"] == "2.50"
+    fetched = client.get("/v1/contracts/EX-1", headers=headers["exchange"])
+    assert fetched.json() == created
+
+
+def test_the_same_idempotency_key_and_terms_answer_the_same_contract(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = terms()
+    first = send(client, headers["exchange"], document)
+    again = send(client, headers["exchange"], document)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    listed = client.get("/v1/contracts", headers=headers["admin"]).json()
+    assert listed["count"] == 1
+
+
+def test_a_used_idempotency_key_with_other_terms_is_refused(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms())
+    answer = send(client, headers["exchange"], terms(gpus=8))
+    assert answer.status_code == 409
+    assert answer.json() == {
+        "detail": "Idempotency-Key 'k-1' was used for other terms (contract EX-1)"
+    }
+
+
+def test_an_existing_contract_id_is_refused(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms())
+    answer = send(client, headers["exchange"], terms(), key="k-2")
+    assert (answer.status_code, answer.json()) == (409, {"detail": "contract EX-1 exists"})
+
+
+def test_overselling_capacity_is_refused_and_capacity_is_reported(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    assert send(client, headers["exchange"], terms("EX-1", gpus=24)).status_code == 201
+    # Overlaps EX-1 for 4 of its 8 hours: 24 + 16 > 32 at once.
+    answer = send(client, headers["exchange"], terms("EX-2", gpus=16, start_in_h=52), key="k-2")
+    assert answer.status_code == 409
+    assert answer.json() == {
+        "detail": "oversold: 16 GPUs of H100-SXM-80GB asked, 8 free over the whole window"
+    }
+    window = terms(start_in_h=48, hours=16)
+    free = client.get(
+        "/v1/capacity",
+        params={"instrument": "H100-SXM-80GB", "from": window["start"], "to": window["end"]},
+        headers=headers["exchange"],
+    )
+    assert free.status_code == 200, free.text
+    assert free.json() == {
+        "instrument": "H100-SXM-80GB",
+        "from": window["start"],
+        "to": window["end"],
+        "capacity_gpus": 32,
+        "free_gpus": 8,
+        "free_gpu_hours": "320.000000",  # 32 x 16 - 24 x 8
+    }
+    fits = send(client, headers["exchange"], terms("EX-3", gpus=8, start_in_h=52), key="k-3")
+    assert fits.status_code == 201
+
+
+def test_an_instrument_without_declared_capacity_is_not_sold(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = {**terms(), "instrument": "B200"}
+    answer = send(client, headers["exchange"], document)
+    assert answer.status_code == 404
+    assert answer.json() == {"detail": "the provider declares no capacity for B200"}
+
+
+def test_invalid_terms_are_refused_naming_the_field(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    answer = send(client, headers["exchange"], {**terms(), "price_per_gpu_hour": 2.5})
+    assert answer.status_code == 422
+    assert answer.json()["detail"].startswith("price_per_gpu_hour: must be a decimal string")
+    assert client.get("/v1/contracts", headers=headers["admin"]).json()["count"] == 0
+
+
+def test_only_an_exchange_sends_contracts(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    for role in ("buyer", "operator", "meter"):
+        answer = send(client, headers[role], terms())
+        assert answer.status_code == 403, role
+        assert answer.json()["detail"].startswith("this needs the role exchange")
+
+
+def test_without_a_valid_key_nothing_is_answered(client: TestClient) -> None:
+    missing = client.get("/v1/contracts")
+    wrong = client.get("/v1/contracts", headers={"Authorization": "Bearer gpd_abc_def"})
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert missing.json() == {"detail": "an API key is required (Authorization: Bearer ...)"}
+    assert wrong.json() == {"detail": "unknown or wrong API key"}
+
+
+def test_each_role_sees_only_its_own_contracts(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms("EX-1", gpus=8))
+    send(client, headers["other_exchange"], terms("EX-2", gpus=8, buyer="globex"), key="k-9")
+    seen = {
+        role: [c["contract_id"] for c in client.get("/v1/contracts", headers=h).json()["data"]]
+        for role, h in headers.items()
+    }
+    assert seen == {
+        "admin": ["EX-1", "EX-2"],
+        "operator": ["EX-1", "EX-2"],
+        "exchange": ["EX-1"],
+        "other_exchange": ["EX-2"],
+        "buyer": ["EX-1"],
+        "other_buyer": ["EX-2"],
+        "meter": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("role", "status"),
+    [
+        ("admin", 200),
+        ("operator", 200),
+        ("exchange", 200),
+        ("buyer", 200),
+        ("other_exchange", 404),
+        ("other_buyer", 404),
+        ("meter", 404),
+    ],
+)
+def test_reading_another_tenants_contract_answers_404(
+    client: TestClient, headers: dict[str, dict[str, str]], role: str, status: int
+) -> None:
+    send(client, headers["exchange"], terms())
+    for path in ("/v1/contracts/EX-1", "/v1/contracts/NO-SUCH"):
+        answer = client.get(path, headers=headers[role])
+        expected = status if path.endswith("EX-1") else 404
+        assert answer.status_code == expected, (role, path)
+    hidden = client.get("/v1/contracts/EX-1", headers=headers["other_buyer"]).json()
+    missing = client.get("/v1/contracts/NO-SUCH", headers=headers["other_buyer"]).json()
+    assert hidden == {"detail": "no contract EX-1"}
+    assert missing == {"detail": "no contract NO-SUCH"}
+
+
+def test_cancelling_releases_the_capacity(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms("EX-1", gpus=32))
+    assert send(client, headers["exchange"], terms("EX-2", gpus=8), key="k-2").status_code == 409
+    cancelled = client.post("/v1/contracts/EX-1/cancel", headers=headers["exchange"])
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["cancelled_at"] is not None
+    assert send(client, headers["exchange"], terms("EX-2", gpus=8), key="k-2").status_code == 201
+
+
+def test_only_the_sending_exchange_may_cancel(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms())
+    assert client.post("/v1/contracts/EX-1/cancel", headers=headers["buyer"]).status_code == 403
+    other = client.post("/v1/contracts/EX-1/cancel", headers=headers["other_exchange"])
+    assert other.status_code == 404
+    status = client.get("/v1/contracts/EX-1", headers=headers["admin"]).json()["status"]
+    assert status == "booked"
+
+
+def test_a_started_contract_cannot_be_cancelled(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms(start_in_h=-1, hours=4))
+    answer = client.post("/v1/contracts/EX-1/cancel", headers=headers["exchange"])
+    assert answer.status_code == 409
+    assert answer.json()["detail"].endswith("it can no longer be cancelled")
+
+
+def test_a_transfer_moves_the_contract_to_its_new_holder_at_its_instant(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    send(client, headers["exchange"], terms())
+    now = timefmt.format_utc(int(time.time()) - 1)
+    moved = client.post(
+        "/v1/contracts/EX-1/transfers",
+        json={"to_holder": "globex", "at": now},
+        headers=headers["exchange"],
+    )
+    assert moved.status_code == 201, moved.text
+    assert moved.json() == {
+        "contract_id": "EX-1",
+        "from_holder": "acme-ai",
+        "to_holder": "globex",
+        "at": now,
+    }
+    assert client.get("/v1/contracts/EX-1", headers=headers["buyer"]).status_code == 404
+    held = client.get("/v1/contracts/EX-1", headers=headers["other_buyer"])
+    assert (held.status_code, held.json()["holder"]) == (200, "globex")
+
+
+def test_a_future_transfer_takes_effect_only_at_its_instant(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = terms()
+    send(client, headers["exchange"], document)
+    client.post(
+        "/v1/contracts/EX-1/transfers",
+        json={"to_holder": "globex", "at": document["start"]},
+        headers=headers["exchange"],
+    )
+    assert client.get("/v1/contracts/EX-1", headers=headers["buyer"]).json()["holder"] == "acme-ai"
+    assert client.get("/v1/contracts/EX-1", headers=headers["other_buyer"]).status_code == 404
+
+
+def test_a_transfer_before_a_recorded_one_or_after_the_end_is_refused(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = terms()
+    send(client, headers["exchange"], document)
+    path = "/v1/contracts/EX-1/transfers"
+    first = client.post(
+        path, json={"to_holder": "globex", "at": document["start"]}, headers=headers["exchange"]
+    )
+    assert first.status_code == 201
+    earlier = client.post(
+        path,
+        json={"to_holder": "initech", "at": timefmt.format_utc(int(time.time()))},
+        headers=headers["exchange"],
+    )
+    assert earlier.status_code == 409
+    late = client.post(
+        path, json={"to_holder": "initech", "at": document["end"]}, headers=headers["exchange"]
+    )
+    assert (late.status_code, late.json()) == (
+        422,
+        {"detail": "at: must be before the contract's end"},
+    )
+    naive = client.post(
+        path,
+        json={"to_holder": "initech", "at": "2026-12-01T00:00:00"},
+        headers=headers["exchange"],
+    )
+    assert naive.status_code == 422
+    assert naive.json()["detail"].startswith("at: ")
