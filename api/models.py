@@ -18,6 +18,7 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "ApiKey",
+    "Assignment",
     "Capacity",
     "Contract",
     "ContractTransfer",
@@ -25,7 +26,11 @@ __all__ = [
     "MeterBatch",
     "MeterKey",
     "MeterRecordRow",
+    "OutboxMessage",
+    "ProofRecord",
+    "SettlementRecord",
     "TreeHead",
+    "Webhook",
 ]
 
 
@@ -171,3 +176,76 @@ class TreeHead(SQLModel, table=True):
     timestamp_s: int = _big()
     key_id: str = Field(max_length=64)
     signature: str
+
+
+class Assignment(SQLModel, table=True):
+    """The assignment ledger: GPU (node, UUID) served the contract over [start_s, end_s).
+    An open interval (end_s None) is still running; the operator closes it."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("contract_id", "node", "gpu_uuid", "start_s", name="assignments_key"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    contract_id: str = Field(foreign_key="contracts.id", index=True, max_length=128)
+    node: str = Field(max_length=253)
+    gpu_uuid: str = Field(max_length=96)
+    start_s: int = _big()
+    end_s: int | None = _big(nullable=True)
+    recorded_at: int = _big()
+
+
+class ProofRecord(SQLModel, table=True):
+    """A signed delivery proof as built: provisional during delivery, final after it."""
+
+    __tablename__ = "proofs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    contract_id: str = Field(foreign_key="contracts.id", index=True, max_length=128)
+    final: bool
+    document: str  # the signed proof, canonical JSON
+    tree_size: int = _big()
+    built_at: int = _big()
+
+
+class SettlementRecord(SQLModel, table=True):
+    """A contract's settlement figures (SETTLEMENT.md): provisional, then final once."""
+
+    __tablename__ = "settlements"
+
+    contract_id: str = Field(primary_key=True, foreign_key="contracts.id", max_length=128)
+    final: bool
+    figures: str  # canonical JSON of the core's settlement figures
+    computed_at: int = _big()
+
+
+class Webhook(SQLModel, table=True):
+    """Where an exchange receives final proofs and settlements."""
+
+    __tablename__ = "webhooks"
+
+    id: str = Field(primary_key=True, max_length=32)
+    exchange: str = Field(index=True, max_length=128)
+    url: str = Field(max_length=2048)
+    created_at: int = _big()
+    disabled_at: int | None = _big(nullable=True)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message to deliver to a webhook, written in the same transaction as what it
+    reports; dispatched with retries until delivered or given up."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("outbox_due", "delivered_at", "next_attempt_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)  # the webhook-id header
+    webhook_id: str = Field(foreign_key="webhooks.id", index=True, max_length=32)
+    event_type: str = Field(max_length=64)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: int = _big()
+    next_attempt_at: int = _big()
+    attempts: int = 0
+    delivered_at: int | None = _big(nullable=True)
+    given_up_at: int | None = _big(nullable=True)
+    last_error: str | None = None
