@@ -8,22 +8,26 @@ unforeseen with a JSON 500 that logs the traceback instead of sending it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpudelivery import errors as core_errors
 from gpudelivery import signing
-from gpudelivery.api import db, errors
+from gpudelivery.api import db, errors, jobs, metrics, outbox
 from gpudelivery.api.deps import AppState
-from gpudelivery.api.routes import contracts, meter, public
+from gpudelivery.api.routes import contracts, delivery, meter, public, webhooks
 from gpudelivery.api.settings import ApiSettings
 
 __all__ = ["create_app", "load_or_create_provider_key"]
@@ -101,17 +105,49 @@ async def _nothing() -> Message:
 
 def create_app(settings: ApiSettings, *, engine: Engine | None = None) -> FastAPI:
     """The API over `settings` (its database, provider key and bootstrap token)."""
+    engine = engine if engine is not None else db.engine_for(settings.database_url)
+    provider_key = load_or_create_provider_key(settings.provider_key_file)
+    runner: jobs.JobRunner | None = None
+    if settings.jobs_enabled:
+        webhook_client = httpx.Client(timeout=settings.webhook_timeout_s)
+        runner = jobs.JobRunner(
+            engine,
+            key=provider_key,
+            grace_s=settings.finalize_grace_s,
+            # A small batch per run: on PostgreSQL its rows stay locked while it sends.
+            dispatch=lambda session, now_s: outbox.dispatch_due(
+                session, client=webhook_client, key=provider_key, now_s=now_s, limit=20
+            ),
+        )
+    app_metrics = metrics.ApiMetrics(
+        engine,
+        jobs=None if runner is None else lambda: (runner.stats.runs, runner.stats.failures),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if runner is not None:
+            runner.start()
+        try:
+            yield
+        finally:
+            if runner is not None:
+                runner.shutdown()
+                webhook_client.close()
+
     app = FastAPI(
         title="gpudelivery",
         summary="Physical delivery of GPU-compute futures: contracts, meter evidence, "
         "delivery proofs and settlement.",
         version="0.1.0",
+        lifespan=lifespan,
     )
     app.state.gpudelivery = AppState(
         settings=settings,
-        engine=engine if engine is not None else db.engine_for(settings.database_url),
-        provider_key=load_or_create_provider_key(settings.provider_key_file),
+        engine=engine,
+        provider_key=provider_key,
         bootstrap_token=_read_token(settings.bootstrap_token_file),
+        metrics=app_metrics,
     )
 
     @app.exception_handler(errors.ApiError)
@@ -143,6 +179,9 @@ def create_app(settings: ApiSettings, *, engine: Engine | None = None) -> FastAP
 
     app.include_router(public.router)
     app.include_router(contracts.router)
+    app.include_router(delivery.router)
     app.include_router(meter.router)
+    app.include_router(webhooks.router)
+    app.mount("/metrics", make_asgi_app(app_metrics.registry))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

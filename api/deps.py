@@ -18,6 +18,7 @@ from sqlmodel import Session
 
 from gpudelivery import signing
 from gpudelivery.api import auth
+from gpudelivery.api.metrics import ApiMetrics
 from gpudelivery.api.settings import ApiSettings
 
 __all__ = ["AppState", "CurrentPrincipal", "SessionDep", "StateDep"]
@@ -31,6 +32,7 @@ class AppState:
     engine: Engine
     provider_key: signing.SigningKey
     bootstrap_token: str | None
+    metrics: ApiMetrics
 
 
 def get_state(request: Request) -> AppState:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -147,7 +147,8 @@ class MeterRecordRow(SQLModel, table=True):
     t0_s: int = _big()
     t1_s: int = _big()
     healthy: bool
-    utilization_gpu_pct: int | None = None
+    # As metered: a meter may send fractions, and the proof must count what was sent.
+    utilization_gpu_pct: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
     energy_mj: int | None = _big(nullable=True)
 
 

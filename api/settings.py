@@ -42,3 +42,18 @@ class ApiSettings(BaseSettings):
     max_body_bytes: int = Field(
         default=8 << 20, ge=1 << 10, description="Larger request bodies answer 413."
     )
+    jobs_enabled: bool = Field(
+        default=True,
+        description="Run the periodic jobs (tree heads, finalization, outbox, stale meters); "
+        "with several replicas one leads them (a PostgreSQL advisory lock).",
+    )
+    finalize_grace_s: int = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="Seconds after a window's end before its proof is final: batches "
+        "still in flight arrive first.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="Timeout of one webhook delivery."
+    )

@@ -20,8 +20,9 @@ from gpudelivery.api import auth, db, migrations
 from gpudelivery.api.app import create_app
 from gpudelivery.api.settings import ApiSettings
 
+from utils.factories import BOOTSTRAP_TOKEN
+
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-BOOTSTRAP_TOKEN = "bootstrap-token-for-tests"
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,7 @@ def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
         database_url=database_url,
         provider_key_file=tmp_path / "provider.key",
         bootstrap_token_file=tmp_path / "bootstrap.token",
+        jobs_enabled=False,  # the tests run each job themselves
     )
     app = create_app(settings)
     with TestClient(app) as test_client:

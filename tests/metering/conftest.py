@@ -13,14 +13,7 @@ from typing import Any
 
 import pytest
 
-from utils.nvml import SIM, PynvmlRunner
-
-
-@pytest.fixture(scope="session")
-def nvml_sim_dir() -> Path:
-    """The folder holding the freshly built libnvidia-ml.so.1."""
-    subprocess.run(["make", "--silent", "-C", str(SIM)], check=True, capture_output=True)
-    return SIM / "build"
+from utils.nvml import PynvmlRunner
 
 
 @pytest.fixture

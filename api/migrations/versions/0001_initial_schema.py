@@ -99,7 +99,7 @@ def upgrade() -> None:
         sa.Column("t0_s", sa.BigInteger(), nullable=False),
         sa.Column("t1_s", sa.BigInteger(), nullable=False),
         sa.Column("healthy", sa.Boolean(), nullable=False),
-        sa.Column("utilization_gpu_pct", sa.Integer(), nullable=True),
+        sa.Column("utilization_gpu_pct", sa.Float(), nullable=True),
         sa.Column("energy_mj", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
