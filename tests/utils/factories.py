@@ -142,5 +142,6 @@ def write_worked_example(folder: Path) -> InputFiles:
         meter=write_jsonl(folder / "meter.jsonl", (record_json(item) for item in worked_records())),
     )
 
+
 # The bootstrap token the API tests install (tests/api/conftest.py).
 BOOTSTRAP_TOKEN = "bootstrap-token-for-tests"
