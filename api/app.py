@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -103,6 +105,37 @@ async def _nothing() -> Message:
     return {"type": "http.disconnect"}
 
 
+class Error(BaseModel):
+    """Every error answer: what is wrong, in one line."""
+
+    detail: str
+
+
+# Documented on every operation: the answers any request may get.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Error, "description": description}
+    for status, description in (
+        (400, "The request is malformed."),
+        (401, "No API key, or an unknown or revoked one."),
+        (403, "The key's role may not do this."),
+        (404, "No such object, or not yours."),
+        (409, "The request conflicts with what is stored."),
+        (413, "The body is too large."),
+        (422, "A field is invalid; the detail names it."),
+    )
+}
+
+
+def _first_problem(exc: RequestValidationError) -> str:
+    """`where: what` of the first validation error, e.g. `body.url: Field required`."""
+    problems = exc.errors()
+    if not problems:
+        return "the request is invalid"
+    first = problems[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
+
+
 def create_app(settings: ApiSettings, *, engine: Engine | None = None) -> FastAPI:
     """The API over `settings` (its database, provider key and bootstrap token)."""
     engine = engine if engine is not None else db.engine_for(settings.database_url)
@@ -141,6 +174,7 @@ def create_app(settings: ApiSettings, *, engine: Engine | None = None) -> FastAP
         "delivery proofs and settlement.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.gpudelivery = AppState(
         settings=settings,
@@ -153,6 +187,10 @@ def create_app(settings: ApiSettings, *, engine: Engine | None = None) -> FastAP
     @app.exception_handler(errors.ApiError)
     async def _api_error(_request: Request, exc: errors.ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _first_problem(exc)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unforeseen(request: Request, exc: Exception) -> JSONResponse:

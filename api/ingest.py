@@ -89,13 +89,13 @@ class BatchStatus(enum.StrEnum):
 
 class BatchResult(BaseModel):
     """The result of one batch, in request order; `node`, `key_id` and `seq` echo the
-    batch (null when it has none)."""
+    batch (left out when it has none)."""
 
     model_config = ConfigDict(frozen=True)
 
-    node: str | None
-    key_id: str | None
-    seq: int | None
+    node: str | None = None
+    key_id: str | None = None
+    seq: int | None = None
     status: BatchStatus
     expected_seq: int | None = None
     detail: str | None = None

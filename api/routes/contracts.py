@@ -6,8 +6,8 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Body, Header, Path, Query, Response, status
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpudelivery import errors as core_errors
 from gpudelivery import timefmt
@@ -30,6 +30,38 @@ def _time(value: str, field: str) -> int:
         return timefmt.parse_utc(value, field=field)
     except core_errors.InputError as exc:
         raise errors.UnprocessableError(str(exc)) from exc
+
+
+_DECIMAL = r"^[0-9]+(\.[0-9]+)?$"
+_INSTRUMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+InstrumentPath = Annotated[str, Path(min_length=1, max_length=63, pattern=_INSTRUMENT)]
+ContractIdPath = Annotated[str, Path(min_length=1, max_length=128)]
+_INSTANT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
+
+
+class TierIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    below: str = Field(pattern=_DECIMAL, description="Availability threshold, 0 < below <= 1.")
+    rate: str = Field(pattern=_DECIMAL, description="Share of the contract value, 0..1.")
+
+
+class TermsIn(BaseModel):
+    """A contract's terms (SETTLEMENT.md): decimals as strings, times RFC 3339 UTC. What
+    JSON Schema cannot say (end after start, tiers in order) answers 422 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contract_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    buyer: str | None = Field(default=None, min_length=1, max_length=128)
+    instrument: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    gpu_count: int = Field(ge=1, le=1_000_000)
+    start: str = Field(pattern=_INSTANT)
+    end: str = Field(pattern=_INSTANT)
+    price_per_gpu_hour: str = Field(pattern=_DECIMAL)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    penalty_tiers: list[TierIn] = Field(default_factory=list, max_length=16)
+    ld_multiplier: str | None = Field(default=None, pattern=_DECIMAL)
 
 
 class ContractPublic(BaseModel):
@@ -64,7 +96,7 @@ class TransferPublic(BaseModel):
 
 
 class CapacityUpdate(BaseModel):
-    gpus: int = Field(ge=0, description="GPUs the provider can deliver at once.")
+    gpus: int = Field(ge=0, le=10_000_000, description="GPUs the provider can deliver at once.")
 
 
 class CapacityPublic(BaseModel):
@@ -116,13 +148,17 @@ def create_contract(
     session: SessionDep,
     principal: CurrentPrincipal,
     response: Response,
-    terms: Annotated[dict[str, Any], Body(description="The contract's terms (SETTLEMENT.md).")],
+    terms: Annotated[TermsIn, Body(description="The contract's terms (SETTLEMENT.md).")],
     idempotency_key: Annotated[str, Header(min_length=1, max_length=128)],
 ) -> ContractPublic:
     auth.require(principal, Role.EXCHANGE)
     now_s = _now()
     contract, created = contracts.create_contract(
-        session, exchange=principal, idempotency_key=idempotency_key, data=terms, now_s=now_s
+        session,
+        exchange=principal,
+        idempotency_key=idempotency_key,
+        data=terms.model_dump(exclude_none=True),
+        now_s=now_s,
     )
     session.commit()
     if not created:
@@ -151,7 +187,9 @@ def list_contracts(
     summary="One contract.",
     responses=_NOT_FOUND,
 )
-def get_contract(session: SessionDep, principal: CurrentPrincipal, contract_id: str) -> Any:
+def get_contract(
+    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+) -> Any:
     now_s = _now()
     contract = contracts.get_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
@@ -165,7 +203,9 @@ def get_contract(session: SessionDep, principal: CurrentPrincipal, contract_id: 
     summary="Cancel a contract before its delivery starts (its exchange).",
     responses=_NOT_FOUND,
 )
-def cancel_contract(session: SessionDep, principal: CurrentPrincipal, contract_id: str) -> Any:
+def cancel_contract(
+    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+) -> Any:
     now_s = _now()
     contract = contracts.cancel_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
@@ -182,7 +222,10 @@ def cancel_contract(session: SessionDep, principal: CurrentPrincipal, contract_i
     responses=_NOT_FOUND,
 )
 def transfer_contract(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: str, body: TransferCreate
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    contract_id: ContractIdPath,
+    body: TransferCreate,
 ) -> TransferPublic:
     now_s = _now()
     transfer: ContractTransfer = contracts.transfer_contract(
@@ -211,7 +254,7 @@ def transfer_contract(
 def free_capacity(
     session: SessionDep,
     principal: CurrentPrincipal,
-    instrument: Annotated[str, Query(min_length=1, max_length=63)],
+    instrument: Annotated[str, Query(min_length=1, max_length=63, pattern=_INSTRUMENT)],
     from_: Annotated[str, Query(alias="from")],
     to: str,
 ) -> FreeCapacity:
@@ -242,7 +285,10 @@ def _hours(seconds: int) -> str:
     summary="Declare how many GPUs of an instrument can be delivered at once (operator).",
 )
 def set_capacity(
-    session: SessionDep, principal: CurrentPrincipal, instrument: str, body: CapacityUpdate
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    instrument: InstrumentPath,
+    body: CapacityUpdate,
 ) -> CapacityPublic:
     auth.require(principal, Role.OPERATOR)
     row = contracts.set_capacity(session, instrument=instrument, gpus=body.gpus, now_s=_now())

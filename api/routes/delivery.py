@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 from pydantic import BaseModel, Field
 
 from gpudelivery import errors as core_errors
@@ -20,6 +20,7 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["delivery"])
 
+ContractIdPath = Annotated[str, Path(min_length=1, max_length=128)]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such contract, or not yours."}
 }
@@ -48,7 +49,7 @@ class IntervalsIn(BaseModel):
 
 
 class IntervalPublic(BaseModel):
-    contract_id: str
+    contract_id: ContractIdPath
     node: str
     gpu_uuid: str
     start: str
@@ -61,7 +62,7 @@ class IntervalsPublic(BaseModel):
 
 
 class SettlementPublic(BaseModel):
-    contract_id: str
+    contract_id: ContractIdPath
     status: str = Field(description="provisional (counted up to as_of) or final")
     as_of: str
     figures: dict[str, Any]
@@ -85,7 +86,7 @@ def _interval(row: Assignment) -> IntervalPublic:
     responses=_NOT_FOUND,
 )
 def record_assignments(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: str, body: IntervalsIn
+    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath, body: IntervalsIn
 ) -> IntervalsPublic:
     auth.require(principal, Role.OPERATOR)
     now_s = _now()
@@ -114,7 +115,7 @@ def record_assignments(
     responses=_NOT_FOUND,
 )
 def list_assignments(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: str
+    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
 ) -> IntervalsPublic:
     contracts.get_contract(session, principal=principal, contract_id=contract_id, now_s=_now())
     rows = ledger.assignments_of(session, contract_id)
@@ -131,7 +132,7 @@ def list_assignments(
     },
 )
 def get_proof(
-    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: str
+    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: ContractIdPath
 ) -> dict[str, Any]:
     now_s = _now()
     contract = contracts.get_contract(
@@ -153,7 +154,7 @@ def get_proof(
     responses={**_NOT_FOUND, 409: {"description": "The delivery window has not started."}},
 )
 def get_settlement(
-    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: str
+    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: ContractIdPath
 ) -> SettlementPublic:
     now_s = _now()
     contract = contracts.get_contract(

@@ -16,9 +16,9 @@ import time
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gpudelivery import timefmt
 from gpudelivery.api import auth, errors, evidence_log, ingest
@@ -26,6 +26,9 @@ from gpudelivery.api.deps import CurrentPrincipal, SessionDep, StateDep
 from gpudelivery.api.models import MeterKey, TreeHead
 
 __all__ = ["router"]
+
+# Indexes and sizes a BIGINT column can hold, with room: larger ones answer 422.
+_MAX_INDEX = 2**62
 
 router = APIRouter(tags=["meter"])
 
@@ -51,6 +54,8 @@ class MeterKeyPublic(BaseModel):
 class IngestRequest(BaseModel):
     """What `POST /v1/meter/batches` reads (documented only: the route parses the body
     itself, so that a malformed request answers 400 as docs/ingest.md says)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     batches: list[dict[str, Any]] = Field(min_length=1, max_length=ingest.MAX_BATCHES_PER_REQUEST)
 
@@ -218,8 +223,8 @@ def get_tree_head(state: StateDep, session: SessionDep) -> TreeHeadPublic:
 )
 def get_consistency(
     session: SessionDep,
-    old_size: Annotated[int, Query(alias="from", ge=0)],
-    new_size: Annotated[int, Query(alias="to", ge=0)],
+    old_size: Annotated[int, Query(alias="from", ge=0, le=_MAX_INDEX)],
+    new_size: Annotated[int, Query(alias="to", ge=0, le=_MAX_INDEX)],
 ) -> ConsistencyProofPublic:
     proof = evidence_log.consistency(session, old_size=old_size, new_size=new_size)
     return ConsistencyProofPublic(
@@ -237,8 +242,8 @@ def get_consistency(
 def get_inclusion(
     state: StateDep,
     session: SessionDep,
-    leaf_index: int,
-    size: Annotated[int | None, Query(ge=1)] = None,
+    leaf_index: Annotated[int, Path(ge=0, le=_MAX_INDEX)],
+    size: Annotated[int | None, Query(ge=1, le=_MAX_INDEX)] = None,
 ) -> InclusionProofPublic:
     if size is None:
         head = evidence_log.tree_head(session, key=state.provider_key, now_s=int(time.time()))

@@ -154,7 +154,11 @@ def test_invalid_terms_are_refused_naming_the_field(
 ) -> None:
     answer = send(client, headers["exchange"], {**terms(), "price_per_gpu_hour": 2.5})
     assert answer.status_code == 422
-    assert answer.json()["detail"].startswith("price_per_gpu_hour: must be a decimal string")
+    assert answer.json() == {"detail": "body.price_per_gpu_hour: Input should be a valid string"}
+    reversed_window = {**terms(), "end": terms()["start"]}
+    later = send(client, headers["exchange"], reversed_window, key="k-2")
+    assert later.status_code == 422
+    assert later.json()["detail"].startswith("end (")
     assert client.get("/v1/contracts", headers=headers["admin"]).json()["count"] == 0
 
 
