@@ -61,6 +61,7 @@ demo: $(VENV)/.installed-base
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_accounting.py
 	$(BIN)/python bench/bench_metering.py
+	$(BIN)/python bench/bench_api.py
 
 # The simulated NVIDIA driver (metering/nvml-sim/README.md); the tests build it themselves.
 nvml-sim:
