@@ -19,6 +19,7 @@ the evidence log's heads and proofs to api.evidence_log.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class _Ingest:
     batch_rows: list[dict[str, Any]] = field(default_factory=list)
     record_rows: list[tuple[Any, ...]] = field(default_factory=list)
     incident_rows: list[dict[str, Any]] = field(default_factory=list)
+    # Signatures checked before the lock (by position in the request): the verdict of
+    # verify_batch, a batch or the error it raised.
+    verified: dict[int, batches.MeterBatch | errors.GpuDeliveryError] = field(default_factory=dict)
 
 
 def ingest(session: Session, *, documents: list[Any], now_s: int) -> list[BatchResult]:
@@ -134,9 +138,20 @@ def ingest(session: Session, *, documents: list[Any], now_s: int) -> list[BatchR
 
     The caller commits. Chain order is per node key; the request may mix nodes.
     """
-    _lock_ingest(session)
-    state = _Ingest(session=session, now_s=now_s, next_leaf=_next_leaf_index(session))
-    results = [_ingest_one(state, document) for document in documents]
+    state = _Ingest(session=session, now_s=now_s, next_leaf=0)
+    postgresql = session.connection().dialect.name == "postgresql"
+    if not postgresql:
+        # SQLite: the write lock first. A read before it could leave the transaction on a
+        # snapshot that can no longer be upgraded to a write once another request commits.
+        _lock_ingest(session)
+    for index, document in enumerate(documents):
+        _preverify(state, index, document)
+    if postgresql:
+        # Signatures, the costly part, were checked without the lock: two requests verify
+        # at once and only take turns to place batches in their chains and write them.
+        _lock_ingest(session)
+    state.next_leaf = _next_leaf_index(session)
+    results = [_ingest_one(state, index, document) for index, document in enumerate(documents)]
     _write(state)
     return results
 
@@ -175,9 +190,22 @@ class _Verdict:
     expected_seq: int | None = None
 
 
-def _ingest_one(state: _Ingest, document: object) -> BatchResult:
+def _preverify(state: _Ingest, index: int, document: object) -> None:
+    """Check the signature of a batch whose key is registered to its node, ahead of the
+    lock; `_judge` then takes the verdict instead of checking again."""
+    node, key_id, _ = _echo(document)
+    meter_key = _meter_key(state, key_id)
+    if meter_key is None or meter_key.revoked_at is not None or meter_key.node != node:
+        return
+    try:
+        state.verified[index] = batches.verify_batch(document, _public_key(state, meter_key))
+    except errors.GpuDeliveryError as exc:
+        state.verified[index] = exc
+
+
+def _ingest_one(state: _Ingest, index: int, document: object) -> BatchResult:
     node, key_id, seq = _echo(document)
-    verdict = _judge(state, document, node, key_id)
+    verdict = _judge(state, index, document, node, key_id)
     if node is not None and verdict.status in _BLOCKING:
         state.blocked.setdefault(node, verdict.status)
     return BatchResult(
@@ -190,7 +218,9 @@ def _ingest_one(state: _Ingest, document: object) -> BatchResult:
     )
 
 
-def _judge(state: _Ingest, document: object, node: str | None, key_id: str | None) -> _Verdict:
+def _judge(
+    state: _Ingest, index: int, document: object, node: str | None, key_id: str | None
+) -> _Verdict:
     """Check a batch in the order meter-batch.md gives: structure, key, signature, chain."""
     if node is not None and node in state.blocked:
         return _Verdict(
@@ -209,7 +239,14 @@ def _judge(state: _Ingest, document: object, node: str | None, key_id: str | Non
             BatchStatus.UNKNOWN_KEY, f"{key_id} is not a registered, unrevoked key of node {node}"
         )
     try:
-        batch = batches.verify_batch(document, _public_key(state, meter_key))
+        verified = state.verified.get(index)
+        if isinstance(verified, errors.GpuDeliveryError):
+            raise verified
+        batch = (
+            verified
+            if verified is not None
+            else batches.verify_batch(document, _public_key(state, meter_key))
+        )
         _check_storable(batch)
     except errors.GpuDeliveryError as exc:
         return _Verdict(BatchStatus.INVALID, str(exc))
@@ -261,10 +298,16 @@ def _meter_key(state: _Ingest, key_id: str | None) -> MeterKey | None:
     return state.keys[key_id]
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed_key(public_key_pem: str) -> ed25519.Ed25519PublicKey:
+    """A PEM parsed once per process: keyed by its text, so a new key is a new entry
+    (whether a key may still sign is read from its row on every request)."""
+    return signing.load_public_pem(public_key_pem.encode("ascii"))
+
+
 def _public_key(state: _Ingest, meter_key: MeterKey) -> ed25519.Ed25519PublicKey:
     if meter_key.key_id not in state.public_keys:
-        pem = meter_key.public_key_pem.encode("ascii")
-        state.public_keys[meter_key.key_id] = signing.load_public_pem(pem)
+        state.public_keys[meter_key.key_id] = _parsed_key(meter_key.public_key_pem)
     return state.public_keys[meter_key.key_id]
 
 
@@ -306,7 +349,7 @@ def _check_storable(batch: batches.MeterBatch) -> None:
 
 
 def _accept(state: _Ingest, batch: batches.MeterBatch) -> None:
-    document = canonical.canonical_json(batch.document)
+    document = batch.canonical or canonical.canonical_json(batch.document)
     state.batch_rows.append(
         {
             "key_id": batch.key_id,

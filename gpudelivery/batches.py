@@ -73,6 +73,7 @@ class MeterBatch:
     gap: Gap | None
     hash: str
     document: dict[str, Any]
+    canonical: bytes = b""  # the document's RFC 8785 bytes, which `hash` is the SHA-256 of
 
 
 def _unsigned(document: dict[str, Any]) -> dict[str, Any]:
@@ -178,11 +179,21 @@ def _parse_gap(value: object) -> Gap | None:
     return Gap(start_s, end_s, value["reason"])
 
 
-def _hash_or_refuse(document: dict[str, Any]) -> str:
+def _canonical_or_refuse(document: dict[str, Any]) -> bytes:
     try:
-        return batch_hash(document)
+        return canonical.canonical_json(document)
     except errors.InputError as exc:  # a value RFC 8785 cannot hold: NaN, a huge integer
         raise errors.EvidenceError(exc.reason, field="records") from exc
+
+
+def _unsigned_canonical(batch: MeterBatch) -> bytes:
+    """The canonical bytes the signature covers. `signature` sorts after every other field
+    and its base64 needs no escaping, so they are the signed bytes with that member cut
+    off (as `sign_batch_and_hash` spliced it in); anything else is canonicalised afresh."""
+    suffix = b',"signature":"' + str(batch.document["signature"]).encode("utf-8") + b'"}'
+    if batch.canonical.endswith(suffix):
+        return batch.canonical[: -len(suffix)] + b"}"
+    return canonical.canonical_json(_unsigned(batch.document))
 
 
 def parse_batch(document: object) -> MeterBatch:
@@ -222,6 +233,7 @@ def parse_batch(document: object) -> MeterBatch:
             raise errors.EvidenceError(exc.reason, field=where) from exc
     if not isinstance(document.get("signature"), str):
         raise errors.EvidenceError("must be a base64 string", field="signature")
+    signed = _canonical_or_refuse(document)
     return MeterBatch(
         node=node,
         key_id=key_id,
@@ -229,8 +241,9 @@ def parse_batch(document: object) -> MeterBatch:
         prev_hash=prev_hash,
         records=tuple(records),
         gap=_parse_gap(document.get("gap")),
-        hash=_hash_or_refuse(document),
+        hash=canonical.sha256_hex(signed),
         document=document,
+        canonical=signed,
     )
 
 
@@ -240,9 +253,7 @@ def verify_batch(document: object, public_key: ed25519.Ed25519PublicKey) -> Mete
     expected = signing.key_id(public_key)
     if batch.key_id != expected:
         raise errors.SignatureError(f"batch names key {batch.key_id}, not {expected}")
-    signing.verify(
-        public_key, canonical.canonical_json(_unsigned(batch.document)), batch.document["signature"]
-    )
+    signing.verify(public_key, _unsigned_canonical(batch), batch.document["signature"])
     return batch
 
 

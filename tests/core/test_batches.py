@@ -737,3 +737,20 @@ def test_the_fast_signer_still_refuses_a_bad_header(
             key=KEY, node=NODE, seq=seq, prev_hash=prev_hash, records=[], gap=gap
         )
     assert str(caught.value) == message
+
+
+def test_the_signed_bytes_are_cut_from_the_canonical_form_exactly() -> None:
+    document = batches.sign_batch(
+        key=KEY, node=NODE, seq=0, prev_hash=None, records=[record(0), record(1)]
+    )
+    batch = batches.parse_batch(document)
+    unsigned = {name: value for name, value in document.items() if name != "signature"}
+    assert batch.canonical == canonical.canonical_json(document)
+    assert batches._unsigned_canonical(batch) == canonical.canonical_json(unsigned)
+
+
+def test_a_signature_needing_escapes_is_checked_on_fresh_bytes_and_refused() -> None:
+    document = batches.sign_batch(key=KEY, node=NODE, seq=0, prev_hash=None, records=[record(0)])
+    forged = {**document, "signature": 'a"b\\\\c'}
+    with pytest.raises(errors.SignatureError):
+        batches.verify_batch(forged, KEY.public_key)
