@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from gpudelivery import evidence, proof, signing
@@ -30,6 +31,9 @@ from gpudelivery.api.models import (
 
 __all__ = ["build_proof", "final_proof", "settlement_of"]
 
+# Rows fetched at a time while a proof streams its meter records.
+_CHUNK_ROWS = 10_000
+
 
 def _records(
     session: Session, *, gpus: set[tuple[str, str]], start_s: int, end_s: int, tree_size: int
@@ -38,8 +42,18 @@ def _records(
     if not gpus:
         return
     nodes = sorted({node for node, _ in gpus})
-    rows = session.exec(
-        select(MeterRecordRow)
+    # Plain column tuples, streamed in chunks: a fleet-month is millions of rows, and ORM
+    # objects for all of them at once cost far more memory and time than the sweep.
+    query = (
+        sa_select(
+            col(MeterRecordRow.node),
+            col(MeterRecordRow.gpu_uuid),
+            col(MeterRecordRow.t0_s),
+            col(MeterRecordRow.t1_s),
+            col(MeterRecordRow.healthy),
+            col(MeterRecordRow.utilization_gpu_pct),
+            col(MeterRecordRow.energy_mj),
+        )
         .join(
             MeterBatch,
             (col(MeterBatch.key_id) == col(MeterRecordRow.key_id))
@@ -47,22 +61,16 @@ def _records(
         )
         .where(
             col(MeterRecordRow.node).in_(nodes),
-            MeterRecordRow.t1_s > start_s,
-            MeterRecordRow.t0_s < end_s,
-            MeterBatch.leaf_index < tree_size,
+            col(MeterRecordRow.t1_s) > start_s,
+            col(MeterRecordRow.t0_s) < end_s,
+            col(MeterBatch.leaf_index) < tree_size,
         )
+        .execution_options(yield_per=_CHUNK_ROWS)
     )
-    for row in rows:
-        if (row.node, row.gpu_uuid) in gpus:
-            yield evidence.MeterRecord(
-                node=row.node,
-                gpu_uuid=row.gpu_uuid,
-                t0_s=row.t0_s,
-                t1_s=row.t1_s,
-                healthy=row.healthy,
-                utilization_gpu_pct=row.utilization_gpu_pct,
-                energy_mj=row.energy_mj,
-            )
+    record = evidence.MeterRecord
+    for node, gpu_uuid, t0_s, t1_s, healthy, utilization, energy in session.execute(query):
+        if (node, gpu_uuid) in gpus:
+            yield record(node, gpu_uuid, t0_s, t1_s, healthy, utilization, energy)
 
 
 def build_proof(
