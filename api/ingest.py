@@ -31,7 +31,7 @@ from sqlalchemy import func, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from gpudelivery import batches, canonical, errors, merkle, signing, timefmt
+from gpudelivery import batches, errors, merkle, signing, timefmt
 from gpudelivery.api import errors as api_errors
 from gpudelivery.api.models import Incident, MeterBatch, MeterKey, MeterRecordRow
 
@@ -40,6 +40,7 @@ __all__ = [
     "INCIDENT_FORK",
     "INCIDENT_METER_GAP",
     "MAX_BATCHES_PER_REQUEST",
+    "RECORD_COLUMNS",
     "BatchResult",
     "BatchStatus",
     "ingest",
@@ -61,7 +62,7 @@ _INGEST_LOCK_ID = 0x67707564_656C6976  # "gpudeliv"
 _MAX_GPU_UUID = 96
 # meter_keys.key_id is VARCHAR(64); ids are 40 characters (meter-batch.md).
 _MAX_KEY_ID = 64
-_RECORD_COLUMNS = (
+RECORD_COLUMNS = (
     "key_id",
     "seq",
     "node",
@@ -349,7 +350,7 @@ def _check_storable(batch: batches.MeterBatch) -> None:
 
 
 def _accept(state: _Ingest, batch: batches.MeterBatch) -> None:
-    document = batch.canonical or canonical.canonical_json(batch.document)
+    document = batch.canonical
     state.batch_rows.append(
         {
             "key_id": batch.key_id,
@@ -379,7 +380,7 @@ def _accept(state: _Ingest, batch: batches.MeterBatch) -> None:
 
 
 def _record_rows(batch: batches.MeterBatch) -> Iterable[tuple[Any, ...]]:
-    """The batch's records as `meter_records` rows, in `_RECORD_COLUMNS` order."""
+    """The batch's records as `meter_records` rows, in `RECORD_COLUMNS` order."""
     for record in batch.records:
         yield (
             batch.key_id,
@@ -419,7 +420,7 @@ def _write(state: _Ingest) -> None:
     if connection.dialect.name == "postgresql":
         # COPY: the records are most of what ingest writes, and COPY is PostgreSQL's
         # fastest way in (same transaction: the DBAPI connection is the session's).
-        columns = ", ".join(_RECORD_COLUMNS)
+        columns = ", ".join(RECORD_COLUMNS)
         driver = connection.connection.driver_connection
         assert driver is not None
         with (
@@ -429,7 +430,7 @@ def _write(state: _Ingest) -> None:
             for row in state.record_rows:
                 copy.write_row(row)
         return
-    rows = [dict(zip(_RECORD_COLUMNS, row, strict=True)) for row in state.record_rows]
+    rows = [dict(zip(RECORD_COLUMNS, row, strict=True)) for row in state.record_rows]
     connection.execute(insert(MeterRecordRow), rows)
 
 

@@ -72,17 +72,7 @@ GPUS_PER_NODE = 8
 ROUNDS_PER_BATCH = 10
 CLIENTS = 2
 # meter_records and meter_batches as api.ingest writes them.
-RECORD_COLUMNS = (
-    "key_id",
-    "seq",
-    "node",
-    "gpu_uuid",
-    "t0_s",
-    "t1_s",
-    "healthy",
-    "utilization_gpu_pct",
-    "energy_mj",
-)
+RECORD_COLUMNS = ingest.RECORD_COLUMNS
 BATCH_COLUMNS = (
     "key_id",
     "seq",

@@ -73,7 +73,7 @@ class MeterBatch:
     gap: Gap | None
     hash: str
     document: dict[str, Any]
-    canonical: bytes = b""  # the document's RFC 8785 bytes, which `hash` is the SHA-256 of
+    canonical: bytes  # the document's RFC 8785 bytes, which `hash` is the SHA-256 of
 
 
 def _unsigned(document: dict[str, Any]) -> dict[str, Any]:

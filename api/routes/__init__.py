@@ -2,4 +2,4 @@
 (contracts and capacity), `delivery` (the ledger, proofs, settlements), `meter` (key
 registration, ingest, the evidence log), `webhooks`."""
 
-__all__ = ["contracts", "delivery", "meter", "public", "webhooks"]
+__all__ = ["contracts", "delivery", "meter", "params", "public", "webhooks"]

@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Path, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpudelivery import errors as core_errors
 from gpudelivery import timefmt
-from gpudelivery.api import auth, contracts, errors
+from gpudelivery.api import auth, contracts
 from gpudelivery.api.auth import Role
 from gpudelivery.api.deps import CurrentPrincipal, SessionDep
 from gpudelivery.api.models import Contract, ContractTransfer
+from gpudelivery.api.routes import params
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["contracts"])
 
 
-def _now() -> int:
-    return int(time.time())
-
-
-def _time(value: str, field: str) -> int:
-    try:
-        return timefmt.parse_utc(value, field=field)
-    except core_errors.InputError as exc:
-        raise errors.UnprocessableError(str(exc)) from exc
-
-
 _DECIMAL = r"^[0-9]+(\.[0-9]+)?$"
 _INSTRUMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 InstrumentPath = Annotated[str, Path(min_length=1, max_length=63, pattern=_INSTRUMENT)]
-ContractIdPath = Annotated[str, Path(min_length=1, max_length=128)]
 _INSTANT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
 
 
@@ -132,11 +119,6 @@ def _public(session: SessionDep, contract: Contract, now_s: int) -> ContractPubl
     )
 
 
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such contract, or not yours."}
-}
-
-
 @router.post(
     "/v1/contracts",
     response_model=ContractPublic,
@@ -152,7 +134,7 @@ def create_contract(
     idempotency_key: Annotated[str, Header(min_length=1, max_length=128)],
 ) -> ContractPublic:
     auth.require(principal, Role.EXCHANGE)
-    now_s = _now()
+    now_s = params.now_s()
     contract, created = contracts.create_contract(
         session,
         exchange=principal,
@@ -174,7 +156,7 @@ def list_contracts(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> ContractsPublic:
-    now_s = _now()
+    now_s = params.now_s()
     page, count = contracts.list_contracts(
         session, principal=principal, now_s=now_s, status=status_, offset=offset, limit=limit
     )
@@ -185,12 +167,12 @@ def list_contracts(
     "/v1/contracts/{contract_id}",
     response_model=ContractPublic,
     summary="One contract.",
-    responses=_NOT_FOUND,
+    responses=params.NOT_FOUND,
 )
 def get_contract(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+    session: SessionDep, principal: CurrentPrincipal, contract_id: params.ContractIdPath
 ) -> Any:
-    now_s = _now()
+    now_s = params.now_s()
     contract = contracts.get_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
     )
@@ -201,12 +183,12 @@ def get_contract(
     "/v1/contracts/{contract_id}/cancel",
     response_model=ContractPublic,
     summary="Cancel a contract before its delivery starts (its exchange).",
-    responses=_NOT_FOUND,
+    responses=params.NOT_FOUND,
 )
 def cancel_contract(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+    session: SessionDep, principal: CurrentPrincipal, contract_id: params.ContractIdPath
 ) -> Any:
-    now_s = _now()
+    now_s = params.now_s()
     contract = contracts.cancel_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
     )
@@ -219,21 +201,21 @@ def cancel_contract(
     response_model=TransferPublic,
     status_code=status.HTTP_201_CREATED,
     summary="Record a change of holder at a given instant (its exchange).",
-    responses=_NOT_FOUND,
+    responses=params.NOT_FOUND,
 )
 def transfer_contract(
     session: SessionDep,
     principal: CurrentPrincipal,
-    contract_id: ContractIdPath,
+    contract_id: params.ContractIdPath,
     body: TransferCreate,
 ) -> TransferPublic:
-    now_s = _now()
+    now_s = params.now_s()
     transfer: ContractTransfer = contracts.transfer_contract(
         session,
         principal=principal,
         contract_id=contract_id,
         to_holder=body.to_holder,
-        at_s=_time(body.at, "at"),
+        at_s=params.instant(body.at, "at"),
         now_s=now_s,
     )
     session.commit()
@@ -260,7 +242,10 @@ def free_capacity(
 ) -> FreeCapacity:
     auth.require(principal, Role.EXCHANGE, Role.OPERATOR)
     free = contracts.free_capacity(
-        session, instrument=instrument, from_s=_time(from_, "from"), to_s=_time(to, "to")
+        session,
+        instrument=instrument,
+        from_s=params.instant(from_, "from"),
+        to_s=params.instant(to, "to"),
     )
     return FreeCapacity.model_validate(
         {
@@ -291,7 +276,9 @@ def set_capacity(
     body: CapacityUpdate,
 ) -> CapacityPublic:
     auth.require(principal, Role.OPERATOR)
-    row = contracts.set_capacity(session, instrument=instrument, gpus=body.gpus, now_s=_now())
+    row = contracts.set_capacity(
+        session, instrument=instrument, gpus=body.gpus, now_s=params.now_s()
+    )
     session.commit()
     return CapacityPublic(
         instrument=row.instrument, gpus=row.gpus, updated_at=timefmt.format_utc(row.updated_at)

@@ -3,38 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from gpudelivery import errors as core_errors
 from gpudelivery import timefmt
-from gpudelivery.api import auth, contracts, errors, ledger, proofs
+from gpudelivery.api import auth, contracts, ledger, proofs
 from gpudelivery.api.auth import Role
 from gpudelivery.api.deps import CurrentPrincipal, SessionDep, StateDep
 from gpudelivery.api.models import Assignment
+from gpudelivery.api.routes import params
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["delivery"])
-
-ContractIdPath = Annotated[str, Path(min_length=1, max_length=128)]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such contract, or not yours."}
-}
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-def _instant(value: str, field: str) -> int:
-    try:
-        return timefmt.parse_utc(value, field=field)
-    except core_errors.InputError as exc:
-        raise errors.UnprocessableError(str(exc)) from exc
 
 
 class IntervalIn(BaseModel):
@@ -49,7 +32,7 @@ class IntervalsIn(BaseModel):
 
 
 class IntervalPublic(BaseModel):
-    contract_id: ContractIdPath
+    contract_id: params.ContractIdPath
     node: str
     gpu_uuid: str
     start: str
@@ -62,7 +45,7 @@ class IntervalsPublic(BaseModel):
 
 
 class SettlementPublic(BaseModel):
-    contract_id: ContractIdPath
+    contract_id: params.ContractIdPath
     status: str = Field(description="provisional (counted up to as_of) or final")
     as_of: str
     figures: dict[str, Any]
@@ -83,13 +66,16 @@ def _interval(row: Assignment) -> IntervalPublic:
     response_model=IntervalsPublic,
     status_code=status.HTTP_200_OK,
     summary="Record GPU assignment intervals of a contract (operator; idempotent).",
-    responses=_NOT_FOUND,
+    responses=params.NOT_FOUND,
 )
 def record_assignments(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath, body: IntervalsIn
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    contract_id: params.ContractIdPath,
+    body: IntervalsIn,
 ) -> IntervalsPublic:
     auth.require(principal, Role.OPERATOR)
-    now_s = _now()
+    now_s = params.now_s()
     contract = contracts.get_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
     )
@@ -99,8 +85,10 @@ def record_assignments(
             ledger.Interval(
                 node=item.node,
                 gpu_uuid=item.gpu_uuid,
-                start_s=_instant(item.start, f"assignments[{index}].start"),
-                end_s=None if item.end is None else _instant(item.end, f"assignments[{index}].end"),
+                start_s=params.instant(item.start, f"assignments[{index}].start"),
+                end_s=None
+                if item.end is None
+                else params.instant(item.end, f"assignments[{index}].end"),
             )
         )
     rows = ledger.record_intervals(session, contract=contract, intervals=intervals, now_s=now_s)
@@ -112,12 +100,14 @@ def record_assignments(
     "/v1/contracts/{contract_id}/assignments",
     response_model=IntervalsPublic,
     summary="The assignment ledger of a contract.",
-    responses=_NOT_FOUND,
+    responses=params.NOT_FOUND,
 )
 def list_assignments(
-    session: SessionDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+    session: SessionDep, principal: CurrentPrincipal, contract_id: params.ContractIdPath
 ) -> IntervalsPublic:
-    contracts.get_contract(session, principal=principal, contract_id=contract_id, now_s=_now())
+    contracts.get_contract(
+        session, principal=principal, contract_id=contract_id, now_s=params.now_s()
+    )
     rows = ledger.assignments_of(session, contract_id)
     return IntervalsPublic(data=[_interval(row) for row in rows], count=len(rows))
 
@@ -126,15 +116,18 @@ def list_assignments(
     "/v1/contracts/{contract_id}/proof",
     summary="The signed delivery proof: final once stored, else provisional, built now.",
     responses={
-        **_NOT_FOUND,
+        **params.NOT_FOUND,
         409: {"description": "The delivery window has not started."},
         200: {"description": "A delivery proof (docs/proof-format.md)."},
     },
 )
 def get_proof(
-    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+    session: SessionDep,
+    state: StateDep,
+    principal: CurrentPrincipal,
+    contract_id: params.ContractIdPath,
 ) -> dict[str, Any]:
-    now_s = _now()
+    now_s = params.now_s()
     contract = contracts.get_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
     )
@@ -151,12 +144,15 @@ def get_proof(
     "/v1/contracts/{contract_id}/settlement",
     response_model=SettlementPublic,
     summary="The settlement figures: final once stored, else provisional up to now.",
-    responses={**_NOT_FOUND, 409: {"description": "The delivery window has not started."}},
+    responses={**params.NOT_FOUND, 409: {"description": "The delivery window has not started."}},
 )
 def get_settlement(
-    session: SessionDep, state: StateDep, principal: CurrentPrincipal, contract_id: ContractIdPath
+    session: SessionDep,
+    state: StateDep,
+    principal: CurrentPrincipal,
+    contract_id: params.ContractIdPath,
 ) -> SettlementPublic:
-    now_s = _now()
+    now_s = params.now_s()
     contract = contracts.get_contract(
         session, principal=principal, contract_id=contract_id, now_s=now_s
     )
