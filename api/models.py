@@ -23,11 +23,14 @@ __all__ = [
     "Contract",
     "ContractTransfer",
     "Incident",
+    "MerkleNode",
     "MeterBatch",
     "MeterKey",
     "MeterRecordRow",
+    "MeterRollupRow",
     "OutboxMessage",
     "ProofRecord",
+    "RollupState",
     "SettlementRecord",
     "TreeHead",
     "Webhook",
@@ -152,6 +155,43 @@ class MeterRecordRow(SQLModel, table=True):
     energy_mj: int | None = _big(nullable=True)
 
 
+class MeterRollupRow(SQLModel, table=True):
+    """Meter records of one GPU in one health state, summed (api.rollups): their t0 all lie
+    in one aligned bucket of `width_s` seconds starting at `bucket_s`, and their intervals
+    connect, so together they cover exactly [t0_s, t1_s). A proof reads these in place of
+    the records wherever a row lies wholly inside or wholly outside the counted spans."""
+
+    __tablename__ = "meter_rollups"
+    __table_args__ = (Index("meter_rollups_by_gpu", "node", "gpu_uuid", "width_s", "bucket_s"),)
+
+    id: int | None = Field(default=None, sa_column=Column(_ROW_ID, primary_key=True))
+    width_s: int
+    node: str = Field(max_length=253)
+    gpu_uuid: str = Field(max_length=96)
+    bucket_s: int = _big()
+    t0_s: int = _big()
+    t1_s: int = _big()
+    healthy: bool
+    records: int = _big()
+    # Exact sum over its records that carry a utilization of utilization x seconds, as a
+    # fraction "n" or "n/d" (a meter may send fractions); and the seconds they cover.
+    utilization_sum: str | None = Field(default=None, max_length=256)
+    utilization_s: int = _big()
+    # Sum of energy over its records that carry one; None when none does.
+    energy_mj: int | None = _big(nullable=True)
+
+
+class RollupState(SQLModel, table=True):
+    """How far the roll-ups have read: every meter record with `id` <= `last_record_id` is
+    in exactly one roll-up row of each width."""
+
+    __tablename__ = "rollup_state"
+
+    name: str = Field(primary_key=True, max_length=32)
+    last_record_id: int = _big()
+    updated_at: int = _big()
+
+
 class Incident(SQLModel, table=True):
     """Something the evidence says went wrong: a gap or fork in a node's chain, a silent
     meter. Recorded, never silently accepted."""
@@ -177,6 +217,18 @@ class TreeHead(SQLModel, table=True):
     timestamp_s: int = _big()
     key_id: str = Field(max_length=64)
     signature: str
+
+
+class MerkleNode(SQLModel, table=True):
+    """The root of a complete subtree of the evidence log: leaves
+    [index * 2**level, (index + 1) * 2**level). Kept for high levels only
+    (api.evidence_log), so heads and proofs read O(log n) rows, not every leaf."""
+
+    __tablename__ = "merkle_nodes"
+
+    level: int = Field(primary_key=True)
+    index: int = _big(primary_key=True)
+    hash: str = Field(max_length=64)
 
 
 class Assignment(SQLModel, table=True):
