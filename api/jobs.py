@@ -5,6 +5,7 @@ The jobs are thin: each opens a session, calls one service, commits, and counts 
 | job | every | does |
 | --- | --- | --- |
 | `tree_head` | 60 s | signs and publishes a new head of the evidence log when it grew |
+| `rollups` | 30 s | folds new meter records into the hour and minute roll-ups proofs read |
 | `finalize` | 30 s | final proof, settlement and outbox rows of windows ended `grace_s` ago |
 | `dispatch` | 5 s | delivers due outbox messages to the exchanges' webhooks |
 | `stale_meters` | 15 s | an incident for a serving node whose last batch is over 60 s old |
@@ -28,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, func, select
 
 from gpudelivery import signing, timefmt
-from gpudelivery.api import db, evidence_log, finalization
+from gpudelivery.api import db, evidence_log, finalization, rollups
 from gpudelivery.api.models import Assignment, Contract, Incident, MeterBatch
 
 __all__ = ["JobRunner", "Leadership", "detect_stale_meters"]
@@ -169,6 +170,9 @@ class JobRunner:
     def tree_head(self) -> None:
         self._run("tree_head", lambda s, now: evidence_log.tree_head(s, key=self.key, now_s=now))
 
+    def rollups(self) -> None:
+        self._run("rollups", lambda s, now: rollups.roll_up_all(s, now_s=now))
+
     def finalize(self) -> None:
         self._run(
             "finalize",
@@ -187,6 +191,7 @@ class JobRunner:
     def start(self) -> None:
         for job, every_s in (
             (self.tree_head, 60),
+            (self.rollups, 30),
             (self.finalize, 30),
             (self.dispatch_outbox, 5),
             (self.stale_meters, 15),

@@ -1,8 +1,9 @@
 """Prometheus metrics of the API, on `/metrics` (no key: it holds no tenant's data).
 
 Counters are counted where things happen (ingest answers, verification failures); the
-outbox's depth and the age of its oldest undelivered message, and the jobs' runs, are read
-fresh on each scrape by a custom collector (client_python's documented pattern). Each app
+outbox's depth and the age of its oldest undelivered message, the roll-ups' lag, and the
+jobs' runs are read fresh on each scrape by a custom collector (client_python's documented
+pattern). Each app
 has its own registry, so several apps (tests, or replicas in one process) never collide.
 """
 
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
+from gpudelivery.api import rollups
 from gpudelivery.api.models import OutboxMessage
 
 __all__ = ["ApiMetrics"]
@@ -41,6 +43,12 @@ class _DatabaseCollector(Collector):
                     col(OutboxMessage.given_up_at).is_(None),
                 )
             ).one()
+            lag = rollups.lag(session)
+        yield GaugeMetricFamily(
+            PREFIX + "rollup_lag_records",
+            "Meter records stored but not yet folded into the roll-ups proofs read.",
+            value=lag,
+        )
         yield GaugeMetricFamily(
             PREFIX + "outbox_depth_messages", "Outbox messages not yet delivered.", value=depth
         )

@@ -21,11 +21,13 @@ import heapq
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from gpudelivery.evidence import Assignment, GpuKey, MeterRecord
 
 __all__ = [
     "Accounting",
+    "MeteredInterval",
     "Span",
     "account",
     "assigned_spans",
@@ -41,6 +43,23 @@ __all__ = [
 
 # A half-open interval [start, end) of epoch seconds, start < end.
 Span = tuple[int, int]
+
+
+class MeteredInterval(Protocol):
+    """What the accounting reads of a meter record, or of a roll-up of records (a union of
+    them, all healthy or all not: `rollup.MeterRollup`)."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def gpu_uuid(self) -> str: ...
+    @property
+    def t0_s(self) -> int: ...
+    @property
+    def t1_s(self) -> int: ...
+    @property
+    def healthy(self) -> bool: ...
+
 
 # Below this many raw spans an accumulator never compacts: sorting tiny lists is not worth it.
 _COMPACT_FLOOR = 64
@@ -167,7 +186,7 @@ def assigned_spans(
 
 
 def _accumulate(
-    records: Iterable[MeterRecord], window: Span, gpus: Iterable[GpuKey] | None
+    records: Iterable[MeteredInterval], window: Span, gpus: Iterable[GpuKey] | None
 ) -> tuple[dict[GpuKey, _SpanAccumulator], dict[GpuKey, _SpanAccumulator]]:
     """Fold records into per-GPU (healthy records, unhealthy records) span accumulators."""
     low, high = window
@@ -201,7 +220,7 @@ def _iter_healthy(
 
 
 def healthy_spans(
-    records: Iterable[MeterRecord], *, window: Span, gpus: Iterable[GpuKey] | None = None
+    records: Iterable[MeteredInterval], *, window: Span, gpus: Iterable[GpuKey] | None = None
 ) -> dict[GpuKey, list[Span]]:
     """Per GPU, the coalesced spans of W that are metered with no unhealthy record.
 

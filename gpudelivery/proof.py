@@ -35,6 +35,7 @@ from gpudelivery import (
 from gpudelivery import terms as terms_module
 from gpudelivery.accounting import Span
 from gpudelivery.evidence import Assignment, GpuKey, MeterRecord
+from gpudelivery.rollup import MeterRollup
 from gpudelivery.terms import ContractTerms
 
 __all__ = [
@@ -72,6 +73,8 @@ _FIELDS = frozenset(
     }
 )
 _UTILIZATION_PLACES = 2
+# What a proof is built from: meter records, or roll-ups standing for some of them.
+Evidence = MeterRecord | MeterRollup
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +140,15 @@ class _Summaries:
             index += 1
         return overlap
 
-    def observe(self, records: Iterable[MeterRecord]) -> Iterator[MeterRecord]:
+    def observe(self, records: Iterable[Evidence]) -> Iterator[Evidence]:
         """Pass records through, folding those of assigned GPUs into the summaries."""
         for record in records:
             gpu = record.gpu
+            if type(record) is MeterRollup:
+                self._observe_rollup(record)
+                yield record
+                continue
+            assert isinstance(record, MeterRecord)
             if gpu in self._assigned and (
                 record.utilization_gpu_pct is not None or record.energy_mj is not None
             ):
@@ -154,6 +162,28 @@ class _Summaries:
                         share = Fraction(record.energy_mj * overlap, record.t1_s - record.t0_s)
                         self._energy[gpu] = self._energy.get(gpu, Fraction(0)) + share
             yield record
+
+    def _observe_rollup(self, rollup: MeterRollup) -> None:
+        """A roll-up counts whole or not at all: each of its records lies wholly inside the
+        assigned spans, or wholly outside them."""
+        gpu = rollup.gpu
+        if gpu not in self._assigned:
+            return
+        overlap = self._overlap_s(gpu, rollup.t0_s, rollup.t1_s)
+        if not overlap:
+            return
+        if overlap != rollup.t1_s - rollup.t0_s:
+            raise ValueError(
+                f"a roll-up of {gpu} over [{rollup.t0_s}, {rollup.t1_s}) crosses the edge of "
+                "an assigned span: its records are needed there instead"
+            )
+        if rollup.utilization_sum is not None:
+            self._utilization[gpu] = (
+                self._utilization.get(gpu, Fraction(0)) + rollup.utilization_sum
+            )
+            self._utilization_s[gpu] = self._utilization_s.get(gpu, 0) + rollup.utilization_s
+        if rollup.energy_mj is not None:
+            self._energy[gpu] = self._energy.get(gpu, Fraction(0)) + rollup.energy_mj
 
     def summary(self, gpu: GpuKey) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -211,7 +241,7 @@ def build_proof(
     *,
     terms: ContractTerms,
     assignments: Iterable[Assignment],
-    records: Iterable[MeterRecord],
+    records: Iterable[Evidence],
     meter_evidence: MeterEvidence | Callable[[], MeterEvidence],
     key: signing.SigningKey,
     issued_at_s: int,
@@ -219,6 +249,8 @@ def build_proof(
 ) -> dict[str, Any]:
     """Build and sign the delivery proof of `terms` (provisional when `as_of_s` < end).
 
+    `records` are meter records, or roll-ups of them (`rollup.MeterRollup`) where a roll-up
+    lies wholly inside or wholly outside each assigned span (ValueError otherwise).
     `meter_evidence` may be a callable, called once `records` have been consumed, for a
     commitment computed while they stream (`MeterRecordStream.evidence`).
     """

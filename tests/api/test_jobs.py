@@ -135,6 +135,7 @@ def test_metrics_count_ingest_and_show_the_outbox(
     assert 'gpudelivery_api_verification_failures_total{status="invalid"} 1.0' in text
     assert "gpudelivery_api_outbox_depth_messages 0.0" in text
     assert "gpudelivery_api_outbox_oldest_age_seconds 0.0" in text
+    assert "gpudelivery_api_rollup_lag_records 0.0" in text
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics/", "/v1/keys"])
