@@ -31,7 +31,7 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
 def test_migrate_reports_the_revision(runner: CliRunner, environment: dict[str, str]) -> None:
     result = runner.invoke(app, ["api", "migrate"])
     assert result.exit_code == 0, result.output
-    assert "database at revision 0001" in result.output
+    assert "database at revision 0002" in result.output
 
 
 def test_an_unreachable_database_is_named(
