@@ -8,9 +8,10 @@ continues that key's chain exactly: the next `seq`, linked to the stored head by
 bytes, appended to the evidence log (api.evidence_log) in acceptance order, and their
 records flattened into `meter_records` for the settlement's joins.
 
-Leaf indexes and chain heads are read and written under one lock per database
-(`_lock_ingest`), so two requests never give out the same leaf index or both extend a
-chain from the same head. Nothing here commits: the route commits once per request.
+Signatures are checked first, then leaf indexes and chain heads are read and written
+under one lock per database (api.ingest_store, which does the reading and writing), so two
+requests never give out the same leaf index or both extend a chain from the same head.
+Nothing here commits: the route commits once per request.
 
 Not here: request-level checks (JSON, batch count, body size) belong to the route;
 the evidence log's heads and proofs to api.evidence_log.
@@ -20,27 +21,26 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import func, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from gpudelivery import batches, errors, merkle, signing, timefmt
 from gpudelivery.api import errors as api_errors
-from gpudelivery.api.models import Incident, MeterBatch, MeterKey, MeterRecordRow
+from gpudelivery.api import ingest_store
+from gpudelivery.api.models import MeterKey
 
 __all__ = [
     "INCIDENT_CHAIN_GAP",
     "INCIDENT_FORK",
     "INCIDENT_METER_GAP",
     "MAX_BATCHES_PER_REQUEST",
-    "RECORD_COLUMNS",
     "BatchResult",
     "BatchStatus",
     "ingest",
@@ -55,24 +55,12 @@ MAX_BATCHES_PER_REQUEST = 100
 INCIDENT_CHAIN_GAP = "chain_gap"
 INCIDENT_FORK = "fork"
 INCIDENT_METER_GAP = "meter_gap"
-# Any constant serves, as long as every ingest uses the same one: it names the one
-# transaction-level PostgreSQL advisory lock under which chain heads and leaf indexes move.
-_INGEST_LOCK_ID = 0x67707564_656C6976  # "gpudeliv"
 # meter_records.gpu_uuid is VARCHAR(96); NVML UUIDs are 40 characters.
 _MAX_GPU_UUID = 96
 # meter_keys.key_id is VARCHAR(64); ids are 40 characters (meter-batch.md).
 _MAX_KEY_ID = 64
-RECORD_COLUMNS = (
-    "key_id",
-    "seq",
-    "node",
-    "gpu_uuid",
-    "t0_s",
-    "t1_s",
-    "healthy",
-    "utilization_gpu_pct",
-    "energy_mj",
-)
+# The gpu_uuid of a batches.RecordValues.
+_gpu_uuid = operator.itemgetter(0)
 # A Kubernetes node name is a DNS-1123 subdomain.
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _MAX_NODE_NAME = 253
@@ -107,26 +95,23 @@ class BatchResult(BaseModel):
 _BLOCKING = frozenset({BatchStatus.OUT_OF_ORDER, BatchStatus.FORK, BatchStatus.INVALID})
 
 
-@dataclass(frozen=True, slots=True)
-class _Head:
-    seq: int
-    hash: str
-
-
 @dataclass
 class _Ingest:
-    """The state of one ingest request: chain heads as this request leaves them, the
-    batches it accepted, and the rows it will write."""
+    """The state of one ingest request: the keys its batches name and its chains as read
+    under the lock (api.ingest_store), the heads as it leaves them, the batches it
+    accepted, and the rows it will write."""
 
-    session: Session
     now_s: int
-    next_leaf: int
-    keys: dict[str, MeterKey | None] = field(default_factory=dict)
+    keys: dict[str, ingest_store.NodeKey]
+    next_leaf: int = 0
     public_keys: dict[str, ed25519.Ed25519PublicKey] = field(default_factory=dict)
-    heads: dict[str, _Head | None] = field(default_factory=dict)
+    # Every registered key's head once locked (None: an empty chain), then as accepted.
+    heads: dict[str, ingest_store.Head | None] = field(default_factory=dict)
+    # The hashes of the stored batches this request sends again, by (key_id, seq).
+    stored: dict[tuple[str, int], str] = field(default_factory=dict)
     accepted: dict[tuple[str, int], str] = field(default_factory=dict)
     blocked: dict[str, BatchStatus] = field(default_factory=dict)
-    batch_rows: list[dict[str, Any]] = field(default_factory=list)
+    batch_rows: list[tuple[Any, ...]] = field(default_factory=list)
     record_rows: list[tuple[Any, ...]] = field(default_factory=list)
     incident_rows: list[dict[str, Any]] = field(default_factory=list)
     # Signatures checked before the lock (by position in the request): the verdict of
@@ -137,39 +122,35 @@ class _Ingest:
 def ingest(session: Session, *, documents: list[Any], now_s: int) -> list[BatchResult]:
     """Verify and store `documents` (decoded batches, in request order); one result each.
 
-    The caller commits. Chain order is per node key; the request may mix nodes.
+    The caller commits. Chain order is per node key; the request may mix nodes, and
+    however many it holds, each table is read once.
     """
-    state = _Ingest(session=session, now_s=now_s, next_leaf=0)
-    postgresql = session.connection().dialect.name == "postgresql"
-    if not postgresql:
-        # SQLite: the write lock first. A read before it could leave the transaction on a
-        # snapshot that can no longer be upgraded to a write once another request commits.
-        _lock_ingest(session)
-    for index, document in enumerate(documents):
-        _preverify(state, index, document)
-    if postgresql:
-        # Signatures, the costly part, were checked without the lock: two requests verify
-        # at once and only take turns to place batches in their chains and write them.
-        _lock_ingest(session)
-    state.next_leaf = _next_leaf_index(session)
-    results = [_ingest_one(state, index, document) for index, document in enumerate(documents)]
-    _write(state)
-    return results
-
-
-def _lock_ingest(session: Session) -> None:
-    """Serialise ingests: PostgreSQL by an advisory lock held until commit, SQLite by taking
-    its single write lock now (a write that changes nothing), before any chain is read."""
     connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _INGEST_LOCK_ID})
-    else:
-        connection.execute(text("UPDATE meter_batches SET seq = seq WHERE 1 = 0"))
-
-
-def _next_leaf_index(session: Session) -> int:
-    last = session.exec(select(func.max(MeterBatch.leaf_index))).one()
-    return 0 if last is None else int(last) + 1
+    ingest_store.begin(connection)
+    echoes = [_echo(document) for document in documents]
+    key_ids = {key_id for _, key_id, _ in echoes if _could_be_registered(key_id)}
+    state = _Ingest(now_s=now_s, keys=ingest_store.load_keys(connection, key_ids))
+    for index, (document, (node, key_id, _)) in enumerate(zip(documents, echoes, strict=True)):
+        _preverify(state, index, document, node, key_id)
+    sent = {
+        (verdict.key_id, verdict.seq)
+        for verdict in state.verified.values()
+        if isinstance(verdict, batches.MeterBatch)
+    }
+    # Signatures, the costly part, are checked: on PostgreSQL, the lock is taken only now.
+    chains = ingest_store.lock_and_read_chains(connection, key_ids=state.keys, sent=sent)
+    state.next_leaf, state.heads, state.stored = chains.next_leaf, chains.heads, chains.stored
+    results = [
+        _ingest_one(state, index, document, echo)
+        for index, (document, echo) in enumerate(zip(documents, echoes, strict=True))
+    ]
+    ingest_store.write(
+        connection,
+        batch_rows=state.batch_rows,
+        record_rows=state.record_rows,
+        incident_rows=state.incident_rows,
+    )
+    return results
 
 
 def _echo(document: object) -> tuple[str | None, str | None, int | None]:
@@ -191,21 +172,31 @@ class _Verdict:
     expected_seq: int | None = None
 
 
-def _preverify(state: _Ingest, index: int, document: object) -> None:
+def _preverify(
+    state: _Ingest, index: int, document: object, node: str | None, key_id: str | None
+) -> None:
     """Check the signature of a batch whose key is registered to its node, ahead of the
     lock; `_judge` then takes the verdict instead of checking again."""
-    node, key_id, _ = _echo(document)
     meter_key = _meter_key(state, key_id)
-    if meter_key is None or meter_key.revoked_at is not None or meter_key.node != node:
+    if meter_key is None or not meter_key.signs_for(node):
         return
+    assert key_id is not None  # a key was found for it
     try:
-        state.verified[index] = batches.verify_batch(document, _public_key(state, meter_key))
+        batch = batches.verify_batch(document, _public_key(state, key_id, meter_key))
+        _check_storable(batch)
     except errors.GpuDeliveryError as exc:
         state.verified[index] = exc
+    else:
+        state.verified[index] = batch
 
 
-def _ingest_one(state: _Ingest, index: int, document: object) -> BatchResult:
-    node, key_id, seq = _echo(document)
+def _ingest_one(
+    state: _Ingest,
+    index: int,
+    document: object,
+    echo: tuple[str | None, str | None, int | None],
+) -> BatchResult:
+    node, key_id, seq = echo
     verdict = _judge(state, index, document, node, key_id)
     if node is not None and verdict.status in _BLOCKING:
         state.blocked.setdefault(node, verdict.status)
@@ -231,7 +222,7 @@ def _judge(
             _expected_seq(state, key_id),
         )
     meter_key = _meter_key(state, key_id)
-    if meter_key is None or meter_key.revoked_at is not None or meter_key.node != node:
+    if meter_key is None or not meter_key.signs_for(node):
         try:
             batches.parse_batch(document)
         except errors.GpuDeliveryError as exc:
@@ -239,24 +230,15 @@ def _judge(
         return _Verdict(
             BatchStatus.UNKNOWN_KEY, f"{key_id} is not a registered, unrevoked key of node {node}"
         )
-    try:
-        verified = state.verified.get(index)
-        if isinstance(verified, errors.GpuDeliveryError):
-            raise verified
-        batch = (
-            verified
-            if verified is not None
-            else batches.verify_batch(document, _public_key(state, meter_key))
-        )
-        _check_storable(batch)
-    except errors.GpuDeliveryError as exc:
-        return _Verdict(BatchStatus.INVALID, str(exc))
-    return _chain(state, batch)
+    verified = state.verified[index]  # every batch of a key that signs for its node
+    if isinstance(verified, errors.GpuDeliveryError):
+        return _Verdict(BatchStatus.INVALID, str(verified))
+    return _chain(state, verified)
 
 
 def _chain(state: _Ingest, batch: batches.MeterBatch) -> _Verdict:
     """Place a verified batch in its key's chain: accept it, or say why not."""
-    head = _head(state, batch.key_id)
+    head = state.heads.get(batch.key_id)
     expected = 0 if head is None else head.seq + 1
     if batch.seq < expected:
         stored = _stored_hash(state, batch.key_id, batch.seq)
@@ -291,12 +273,8 @@ def _could_be_registered(key_id: str | None) -> TypeGuard[str]:
     return key_id is not None and len(key_id) <= _MAX_KEY_ID and "\x00" not in key_id
 
 
-def _meter_key(state: _Ingest, key_id: str | None) -> MeterKey | None:
-    if not _could_be_registered(key_id):
-        return None
-    if key_id not in state.keys:
-        state.keys[key_id] = state.session.get(MeterKey, key_id)
-    return state.keys[key_id]
+def _meter_key(state: _Ingest, key_id: str | None) -> ingest_store.NodeKey | None:
+    return state.keys.get(key_id) if _could_be_registered(key_id) else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -306,43 +284,34 @@ def _parsed_key(public_key_pem: str) -> ed25519.Ed25519PublicKey:
     return signing.load_public_pem(public_key_pem.encode("ascii"))
 
 
-def _public_key(state: _Ingest, meter_key: MeterKey) -> ed25519.Ed25519PublicKey:
-    if meter_key.key_id not in state.public_keys:
-        state.public_keys[meter_key.key_id] = _parsed_key(meter_key.public_key_pem)
-    return state.public_keys[meter_key.key_id]
-
-
-def _head(state: _Ingest, key_id: str) -> _Head | None:
-    """The last batch of the key's chain: accepted in this request, or stored before."""
-    if key_id not in state.heads:
-        row = state.session.exec(
-            select(MeterBatch.seq, MeterBatch.hash)
-            .where(MeterBatch.key_id == key_id)
-            .order_by(col(MeterBatch.seq).desc())
-            .limit(1)
-        ).first()
-        state.heads[key_id] = None if row is None else _Head(int(row[0]), str(row[1]))
-    return state.heads[key_id]
+def _public_key(
+    state: _Ingest, key_id: str, meter_key: ingest_store.NodeKey
+) -> ed25519.Ed25519PublicKey:
+    if key_id not in state.public_keys:
+        state.public_keys[key_id] = _parsed_key(meter_key.public_key_pem)
+    return state.public_keys[key_id]
 
 
 def _expected_seq(state: _Ingest, key_id: str | None) -> int:
-    head = _head(state, key_id) if _could_be_registered(key_id) else None
+    head = state.heads.get(key_id) if key_id is not None else None
     return 0 if head is None else head.seq + 1
 
 
 def _stored_hash(state: _Ingest, key_id: str, seq: int) -> str | None:
     if (key_id, seq) in state.accepted:
         return state.accepted[(key_id, seq)]
-    stored = state.session.exec(
-        select(MeterBatch.hash).where(MeterBatch.key_id == key_id, MeterBatch.seq == seq)
-    ).first()
-    return None if stored is None else str(stored)
+    return state.stored.get((key_id, seq))
 
 
 def _check_storable(batch: batches.MeterBatch) -> None:
     """Refuse what the tables cannot hold, naming the field, rather than fail the request."""
-    for index, record in enumerate(batch.records):
-        if len(record.gpu_uuid) > _MAX_GPU_UUID or "\x00" in record.gpu_uuid:
+    gpu_uuids = list(map(_gpu_uuid, batch.record_values))
+    if not gpu_uuids or (
+        max(map(len, gpu_uuids)) <= _MAX_GPU_UUID and "\x00" not in "".join(gpu_uuids)
+    ):
+        return  # the usual batch, checked whole; otherwise, find the first that is not
+    for index, gpu_uuid in enumerate(gpu_uuids):
+        if len(gpu_uuid) > _MAX_GPU_UUID or "\x00" in gpu_uuid:
             raise errors.EvidenceError(
                 f"must be at most {_MAX_GPU_UUID} characters, without NUL",
                 field=f"records[{index}].gpu_uuid",
@@ -352,21 +321,22 @@ def _check_storable(batch: batches.MeterBatch) -> None:
 def _accept(state: _Ingest, batch: batches.MeterBatch) -> None:
     document = batch.canonical
     state.batch_rows.append(
-        {
-            "key_id": batch.key_id,
-            "seq": batch.seq,
-            "node": batch.node,
-            "hash": batch.hash,
-            "leaf_index": state.next_leaf,
-            "leaf_hash": merkle.leaf_hash(document).hex(),
-            "document": document,
-            "received_at": state.now_s,
-        }
+        (
+            batch.key_id,
+            batch.seq,
+            batch.node,
+            batch.hash,
+            state.next_leaf,
+            merkle.leaf_hash(document).hex(),
+            document,
+            state.now_s,
+        )
     )
     state.next_leaf += 1
     state.accepted[(batch.key_id, batch.seq)] = batch.hash
-    state.heads[batch.key_id] = _Head(batch.seq, batch.hash)
-    state.record_rows.extend(_record_rows(batch))
+    state.heads[batch.key_id] = ingest_store.Head(batch.seq, batch.hash)
+    prefix = (batch.key_id, batch.seq, batch.node)
+    state.record_rows.extend([prefix + values for values in batch.record_values])
     if batch.gap is not None:
         gap = batch.gap
         _incident(
@@ -376,22 +346,6 @@ def _accept(state: _Ingest, batch: batches.MeterBatch) -> None:
             f"key {batch.key_id}: seq {batch.seq} says the records of "
             f"[{timefmt.format_utc(gap.start_s)}, {timefmt.format_utc(gap.end_s)}) are "
             f"lost: {gap.reason!r}",
-        )
-
-
-def _record_rows(batch: batches.MeterBatch) -> Iterable[tuple[Any, ...]]:
-    """The batch's records as `meter_records` rows, in `RECORD_COLUMNS` order."""
-    for record in batch.records:
-        yield (
-            batch.key_id,
-            batch.seq,
-            batch.node,
-            record.gpu_uuid,
-            record.t0_s,
-            record.t1_s,
-            record.healthy,
-            record.utilization_gpu_pct,
-            record.energy_mj,
         )
 
 
@@ -406,32 +360,6 @@ def _incident(state: _Ingest, batch: batches.MeterBatch, kind: str, detail: str)
             "at_s": state.now_s,
         }
     )
-
-
-def _write(state: _Ingest) -> None:
-    """Everything the request stores, one bulk statement per table."""
-    connection = state.session.connection()
-    if state.batch_rows:
-        connection.execute(insert(MeterBatch), state.batch_rows)
-    if state.incident_rows:
-        connection.execute(insert(Incident), state.incident_rows)
-    if not state.record_rows:
-        return
-    if connection.dialect.name == "postgresql":
-        # COPY: the records are most of what ingest writes, and COPY is PostgreSQL's
-        # fastest way in (same transaction: the DBAPI connection is the session's).
-        columns = ", ".join(RECORD_COLUMNS)
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        with (
-            driver.cursor() as cursor,
-            cursor.copy(f"COPY meter_records ({columns}) FROM STDIN") as copy,
-        ):
-            for row in state.record_rows:
-                copy.write_row(row)
-        return
-    rows = [dict(zip(RECORD_COLUMNS, row, strict=True)) for row in state.record_rows]
-    connection.execute(insert(MeterRecordRow), rows)
 
 
 def _check_node_name(node: str) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "ChainError",
     "Gap",
     "MeterBatch",
+    "RecordValues",
     "SignedBatch",
     "batch_hash",
     "check_link",
@@ -46,6 +47,11 @@ _MAX_JSON_INTEGER = 2**53
 _HASH_HEX_DIGITS = 64
 _LOWER_HEX = "0123456789abcdef"
 _FIELDS = frozenset({"format", "node", "key_id", "seq", "prev_hash", "records", "gap", "signature"})
+_NUMBER_TYPES = (int, float)
+
+# What a batch keeps of a record, in this order: gpu_uuid, t0_s, t1_s, healthy,
+# utilization_gpu_pct, energy_mj (a MeterRecord's fields after its node, the batch's).
+RecordValues = tuple[str, int, int, bool, int | float | None, int | None]
 
 
 class ChainError(errors.GpuDeliveryError):
@@ -69,11 +75,17 @@ class MeterBatch:
     key_id: str
     seq: int
     prev_hash: str | None
-    records: tuple[MeterRecord, ...]
+    record_values: tuple[RecordValues, ...]
     gap: Gap | None
     hash: str
     document: dict[str, Any]
     canonical: bytes  # the document's RFC 8785 bytes, which `hash` is the SHA-256 of
+
+    @property
+    def records(self) -> tuple[MeterRecord, ...]:
+        """The records as `MeterRecord`s, made on each access: the API's ingest stores
+        `record_values` as they are, and a frozen value costs more to make than to check."""
+        return tuple(MeterRecord(self.node, *values) for values in self.record_values)
 
 
 def _unsigned(document: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +208,50 @@ def _unsigned_canonical(batch: MeterBatch) -> bytes:
     return canonical.canonical_json(_unsigned(batch.document))
 
 
+def _record_values(raw: object, node: str, index: int) -> RecordValues:
+    """A record's values, checked as `evidence.meter_record_from_json` checks a record of
+    `node`: the usual record (exact JSON types, every check passing) right here, since a
+    batch holds hundreds; anything else through that function, for its verdict and the
+    field its refusal names."""
+    if type(raw) is dict:
+        gpu_uuid, t0, t1 = raw.get("gpu_uuid"), raw.get("t0"), raw.get("t1")
+        healthy, energy = raw.get("healthy"), raw.get("energy_mj")
+        utilization, named_node = raw.get("utilization_gpu_pct"), raw.get("node", node)
+        if (
+            type(gpu_uuid) is str
+            and gpu_uuid
+            and type(t0) is str
+            and type(t1) is str
+            and type(healthy) is bool
+            and (utilization is None or type(utilization) in _NUMBER_TYPES)
+            and (utilization is None or 0 <= utilization <= 100)
+            and (energy is None or (type(energy) is int and energy >= 0))
+            and type(named_node) is str
+            and named_node == node
+        ):
+            try:
+                t0_s = timefmt.parse_utc(t0, field="t0")
+                t1_s = timefmt.parse_utc(t1, field="t1")
+            except errors.InputError:
+                pass  # the function below names the field
+            else:
+                if t0_s < t1_s:
+                    return (gpu_uuid, t0_s, t1_s, healthy, utilization, energy)
+    try:
+        record = evidence.meter_record_from_json(raw, node=node)
+    except errors.InputError as exc:
+        where = f"records[{index}]" + (f".{exc.field}" if exc.field else "")
+        raise errors.EvidenceError(exc.reason, field=where) from exc
+    return (
+        record.gpu_uuid,
+        record.t0_s,
+        record.t1_s,
+        record.healthy,
+        record.utilization_gpu_pct,
+        record.energy_mj,
+    )
+
+
 def parse_batch(document: object) -> MeterBatch:
     """Check a batch's structure and records (not its signature)."""
     if not isinstance(document, dict):
@@ -224,13 +280,9 @@ def parse_batch(document: object) -> MeterBatch:
     raw_records = document.get("records")
     if not isinstance(raw_records, list):
         raise errors.EvidenceError("must be a list", field="records")
-    records = []
-    for index, raw in enumerate(raw_records):
-        try:
-            records.append(evidence.meter_record_from_json(raw, node=node))
-        except errors.InputError as exc:
-            where = f"records[{index}]" + (f".{exc.field}" if exc.field else "")
-            raise errors.EvidenceError(exc.reason, field=where) from exc
+    record_values = tuple(
+        [_record_values(raw, node, index) for index, raw in enumerate(raw_records)]
+    )
     if not isinstance(document.get("signature"), str):
         raise errors.EvidenceError("must be a base64 string", field="signature")
     signed = _canonical_or_refuse(document)
@@ -239,7 +291,7 @@ def parse_batch(document: object) -> MeterBatch:
         key_id=key_id,
         seq=seq,
         prev_hash=prev_hash,
-        records=tuple(records),
+        record_values=record_values,
         gap=_parse_gap(document.get("gap")),
         hash=canonical.sha256_hex(signed),
         document=document,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gpudelivery import batches, canonical, merkle, signing
-from gpudelivery.api import ingest
+from gpudelivery.api import ingest, ingest_store
 from gpudelivery.api.ingest import BatchResult, BatchStatus
 from gpudelivery.api.models import Incident, MeterBatch, MeterKey, MeterRecordRow
 
@@ -473,3 +474,103 @@ def test_registering_a_key_again_for_its_node_changes_nothing(session: Session) 
     assert (created, created_again) == (True, False)
     assert (again.key_id, again.node, again.registered_at) == (key.key_id, NODE, NOW)
     assert session.exec(select(MeterKey.key_id)).all() == [first.key_id]
+
+
+def test_one_request_of_many_nodes_reads_each_table_once_and_judges_every_chain(
+    session: Session, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = [f"gpu-node-{number:02d}" for number in range(8)]
+    keys = {node: _key(session, node) for node in nodes}
+    chains = {node: meters.chain(keys[node], node, 4) for node in nodes}
+    # Nodes 4 to 7 already hold batches 0 and 1.
+    _ingest(session, [document for node in nodes[4:] for document in chains[node][:2]])
+    stranger = signing.generate()
+    forked = meters.follow(keys[nodes[6]], chains[nodes[6]][0], records=[])
+    reads: list[tuple[str, Any]] = []
+    for name in ("load_keys", "lock_and_read_chains"):
+        real = getattr(ingest_store, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            reads.append((_name, sorted(kwargs.get("key_ids", args[-1]))))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ingest_store, name, spy)
+    documents = [
+        *chains[nodes[0]][:3],  # a new chain
+        chains[nodes[1]][0],
+        chains[nodes[2]][1],  # a new chain must start at 0
+        chains[nodes[3]][0],
+        chains[nodes[1]][1],  # nodes take turns in the request
+        chains[nodes[4]][1],  # sent again
+        chains[nodes[4]][2],  # continues the stored chain
+        chains[nodes[5]][3],  # beyond the stored head
+        chains[nodes[5]][2],  # blocked by the batch before
+        forked,  # another batch for a stored seq
+        chains[nodes[7]][2],
+        meters.chain(stranger, nodes[7], 1)[0],  # not this node's key
+        chains[nodes[7]][3],
+    ]
+
+    results = ingest.ingest(session, documents=documents, now_s=NOW)
+    session.commit()
+
+    assert [(r.node, r.seq, r.status, r.expected_seq) for r in results] == [
+        (nodes[0], 0, "accepted", None),
+        (nodes[0], 1, "accepted", None),
+        (nodes[0], 2, "accepted", None),
+        (nodes[1], 0, "accepted", None),
+        (nodes[2], 1, "out_of_order", 0),
+        (nodes[3], 0, "accepted", None),
+        (nodes[1], 1, "accepted", None),
+        (nodes[4], 1, "duplicate", None),
+        (nodes[4], 2, "accepted", None),
+        (nodes[5], 3, "out_of_order", 2),
+        (nodes[5], 2, "out_of_order", 2),
+        (nodes[6], 1, "fork", None),
+        (nodes[7], 2, "accepted", None),
+        (nodes[7], 0, "unknown_key", None),
+        (nodes[7], 3, "accepted", None),
+    ]
+    named = sorted({keys[node].key_id for node in nodes} | {stranger.key_id})
+    registered = sorted(keys[node].key_id for node in nodes)
+    assert reads == [("load_keys", named), ("lock_and_read_chains", registered)]
+    assert _stored(session)[8:] == [
+        (nodes[0], keys[nodes[0]].key_id, 0, 8),
+        (nodes[0], keys[nodes[0]].key_id, 1, 9),
+        (nodes[0], keys[nodes[0]].key_id, 2, 10),
+        (nodes[1], keys[nodes[1]].key_id, 0, 11),
+        (nodes[3], keys[nodes[3]].key_id, 0, 12),
+        (nodes[1], keys[nodes[1]].key_id, 1, 13),
+        (nodes[4], keys[nodes[4]].key_id, 2, 14),
+        (nodes[7], keys[nodes[7]].key_id, 2, 15),
+        (nodes[7], keys[nodes[7]].key_id, 3, 16),
+    ]
+    assert [incident[:4] for incident in _incidents(session)] == [
+        ("chain_gap", nodes[2], keys[nodes[2]].key_id, 1),
+        ("chain_gap", nodes[5], keys[nodes[5]].key_id, 3),
+        ("fork", nodes[6], keys[nodes[6]].key_id, 1),
+    ]
+    assert meters.count(engine, MeterRecordRow) == 17 * 2
+
+
+def test_stored_documents_are_their_canonical_bytes_compressed_with_lz4_on_postgresql(
+    session: Session, engine: Engine
+) -> None:
+    key = _key(session)
+    records = [meters.record(f"GPU-{gpu:04d}", meters.EPOCH, pods=[]) for gpu in range(64)]
+    document = batches.sign_batch(key=key, node=NODE, seq=0, prev_hash=None, records=records)
+
+    assert _ingest(session, [document]) == [(0, "accepted", None)]
+
+    stored = session.exec(select(MeterBatch.document)).one()
+    assert stored == canonical.canonical_json(document)
+    assert len(stored) > 8_000  # large enough to be compressed
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            offered = connection.execute(
+                text("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'")
+            ).scalar_one()
+            method = connection.execute(
+                text("SELECT pg_column_compression(document) FROM meter_batches")
+            ).scalar_one()
+        assert method == ("lz4" if "lz4" in offered else "pglz")

@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from gpudelivery import signing
+from gpudelivery.api import migrations
 from gpudelivery.cli import app
 
+from utils import meters
+from utils.factories import BOOTSTRAP_TOKEN
 from utils.polling import poll
 from utils.receiver import free_port
 
@@ -110,4 +117,89 @@ def test_a_created_key_works_against_the_served_api_until_revoked(
     finally:
         process.terminate()
         process.communicate(timeout=30)
+    assert (tmp_path / "provider.key").exists()
+
+
+def test_serve_refuses_several_workers_on_sqlite(
+    runner: CliRunner, environment: dict[str, str]
+) -> None:
+    assert runner.invoke(app, ["api", "migrate"]).exit_code == 0
+
+    result = runner.invoke(app, ["api", "serve", "--workers", "2", "--port", str(free_port())])
+
+    assert result.exit_code == 2
+    assert result.output == (
+        "gpudelivery: error: --workers 2: SQLite takes one writer at a time, so it is served "
+        "by one worker; use PostgreSQL (GPUDELIVERY_DATABASE_URL) for more\n"
+    )
+
+
+@pytest.fixture
+def postgres_environment(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A migrated PostgreSQL database of its own (dropped at the end), a bootstrap token."""
+    name = f"gpudelivery_cli_{uuid.uuid4().hex[:12]}"
+    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    (tmp_path / "bootstrap.token").write_text(BOOTSTRAP_TOKEN)
+    try:
+        migrations.upgrade(url)
+        yield {
+            "GPUDELIVERY_DATABASE_URL": url,
+            "GPUDELIVERY_API_PROVIDER_KEY_FILE": str(tmp_path / "provider.key"),
+            "GPUDELIVERY_API_BOOTSTRAP_TOKEN_FILE": str(tmp_path / "bootstrap.token"),
+            "GPUDELIVERY_API_JOBS_ENABLED": "false",
+        }
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_several_workers_serve_ingest_on_postgresql(
+    postgres_environment: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    command = ["api", "serve", "--port", str(port), "--workers", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpudelivery", *command],
+        env={**os.environ, **postgres_environment},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    key = signing.generate()
+    documents = meters.chain(key, "gpu-node-07", 3)
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(base + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        poll(ready)
+        registered = httpx.post(
+            base + "/v1/meter/keys",
+            headers={"Authorization": f"Bearer {BOOTSTRAP_TOKEN}"},
+            json={
+                "node": "gpu-node-07",
+                "public_key_pem": signing.public_pem(key.public_key).decode("ascii"),
+            },
+        )
+        assert registered.status_code == 201, registered.text
+        answers = []
+        for shipped in ([documents[0]], documents[:2], documents[1:]):
+            # A connection each: any worker may answer, and each sees what the others stored.
+            answer = httpx.post(base + "/v1/meter/batches", json={"batches": shipped})
+            answers.append([(r["seq"], r["status"]) for r in answer.json()["results"]])
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert answers == [
+        [(0, "accepted")],
+        [(0, "duplicate"), (1, "accepted")],
+        [(1, "duplicate"), (2, "accepted")],
+    ]
     assert (tmp_path / "provider.key").exists()

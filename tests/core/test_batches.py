@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gpudelivery import batches, canonical, errors, signing, timefmt
+from gpudelivery import batches, canonical, errors, evidence, signing, timefmt
 
 from utils.factories import EPOCH
 
@@ -754,3 +756,78 @@ def test_a_signature_needing_escapes_is_checked_on_fresh_bytes_and_refused() -> 
     forged = {**document, "signature": 'a"b\\\\c'}
     with pytest.raises(errors.SignatureError):
         batches.verify_batch(forged, KEY.public_key)
+
+
+# -- records: the batch's own check against evidence.meter_record_from_json -----------------
+
+INSTANTS = [timefmt.format_utc(EPOCH + offset) for offset in (0, 10, 20)]
+record_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-5, max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+    st.sampled_from([*INSTANTS, "2026-03-03T09:00:00.5Z", "2026-03-03T09:00:00", GPU_A, NODE]),
+    st.lists(st.integers(), max_size=2),
+)
+record_fields = st.sampled_from(
+    ["gpu_uuid", "t0", "t1", "healthy", "utilization_gpu_pct", "energy_mj", "node", "xids"]
+)
+
+
+@st.composite
+def raw_records(draw: st.DrawFn) -> object:
+    """A meter record as it may arrive: mostly well formed, every field possibly odd."""
+    if draw(st.integers(min_value=0, max_value=20)) == 0:
+        return draw(record_values)
+    raw: dict[str, Any] = {
+        "gpu_uuid": GPU_A,
+        "t0": INSTANTS[0],
+        "t1": INSTANTS[1],
+        "healthy": True,
+        "utilization_gpu_pct": 50,
+        "energy_mj": 1_000,
+    }
+    for name in draw(st.lists(record_fields, max_size=3)):
+        if draw(st.booleans()):
+            raw[name] = draw(record_values)
+        else:
+            raw.pop(name, None)
+    return raw
+
+
+def _verdict(check: Any) -> tuple[str, Any]:
+    try:
+        return ("ok", check())
+    except errors.InputError as exc:
+        return (type(exc).__name__, (exc.field, exc.reason))
+
+
+@settings(max_examples=400)
+@given(st.lists(raw_records(), min_size=1, max_size=3))
+def test_records_are_checked_exactly_as_meter_record_from_json_checks_them(
+    raws: list[object],
+) -> None:
+    document = second_batch()
+    document["records"] = raws
+    expected = []
+    for index, raw in enumerate(raws):
+        verdict = _verdict(lambda raw=raw: evidence.meter_record_from_json(raw, node=NODE))
+        if verdict[0] != "ok":
+            field, reason = verdict[1]
+            where = f"records[{index}]" + (f".{field}" if field else "")
+            expected_error = ("EvidenceError", (where, reason))
+            break
+        expected.append(verdict[1])
+    else:
+        expected_error = None
+
+    outcome = _verdict(lambda: batches.parse_batch(document).records)
+
+    if expected_error is not None:
+        assert outcome == expected_error
+    elif outcome[0] == "ok":
+        assert outcome == ("ok", tuple(expected))
+    else:  # the records pass, the batch as a whole cannot be canonicalised (NaN, say)
+        assert outcome[1][0] == "records"
+        assert outcome[1][1].startswith("cannot be canonicalised as JSON")

@@ -63,3 +63,37 @@ def test_edge_cases_match_the_reference(value: Any) -> None:
 def test_values_rfc8785_cannot_hold_are_refused(value: Any) -> None:
     with pytest.raises(errors.InputError, match=r"^cannot be canonicalised as JSON"):
         canonical.canonical_json(value)
+
+
+@pytest.mark.parametrize("value", [2**53, -(2**53), {"records": [{"energy_mj": 2**60}]}])
+def test_integers_rfc8785_cannot_hold_are_refused_even_from_a_plain_producer(
+    value: Any,
+) -> None:
+    with pytest.raises(errors.InputError, match=r"^cannot be canonicalised as JSON"):
+        canonical.canonical_json(value, assume_plain=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "plain"),
+    [
+        ({"a": [1, "x", None, True, {"b": (2, 3)}]}, True),
+        ([True, False, 2**53 - 1, -(2**53) + 1], True),
+        ([True, 2**53], False),
+        ([[[-(2**53)]]], False),
+        ({"a": [{"b": 1.0}]}, False),
+        ({"a": {1: "x"}}, False),
+        ({"a": {"\ue000": 1}}, False),
+        ({"a": {"\u20ac": 1}}, True),
+        ([{"x": {1, 2}}], False),
+        ([], True),
+        ({}, True),
+    ],
+)
+def test_is_plain_says_exactly_which_values_the_fast_encoder_takes(value: Any, plain: bool) -> None:
+    assert canonical.is_plain(value) is plain
+
+
+@given(values)
+def test_is_plain_values_encode_to_the_rfc8785_bytes(value: Any) -> None:
+    if canonical.is_plain(value):
+        assert canonical.canonical_json(value, assume_plain=True) == rfc8785.dumps(value)
