@@ -10,19 +10,30 @@ right), so a leaf can never pass for an interior node.
 The tree is kept as its levels, built bottom-up by pairing neighbours and carrying an odd
 last node up unchanged; that yields exactly RFC 9162's split at the largest power of two.
 `RootAccumulator` computes a root in O(log n) memory for streams too long to keep.
+
+Every hash a root or proof needs is the root of a range of leaves (`inclusion_ranges`,
+`consistency_ranges`), and every such range is a few complete subtrees (`subtrees`) joined
+(`join`). A store that keeps complete subtrees' roots (api.evidence_log) builds any proof
+from O(log n) of them this way, without holding the tree.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "MerkleTree",
     "RootAccumulator",
+    "Subtree",
+    "consistency_ranges",
+    "inclusion_ranges",
+    "join",
     "leaf_hash",
     "node_hash",
     "root_of",
+    "subtrees",
     "verify_consistency",
     "verify_inclusion",
 ]
@@ -42,6 +53,96 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 
 def _largest_power_of_two_below(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Subtree:
+    """A complete subtree: leaves [index * 2**level, (index + 1) * 2**level)."""
+
+    level: int
+    index: int
+
+    @property
+    def start(self) -> int:
+        return self.index << self.level
+
+    @property
+    def end(self) -> int:
+        return (self.index + 1) << self.level
+
+
+def subtrees(start: int, end: int) -> tuple[Subtree, ...]:
+    """The complete subtrees whose roots `join` into MTH(D[start:end]), left to right: one per
+    binary digit of the width, largest first.
+
+    Only ranges RFC 9162's recursion produces decompose this way, and those are all it asks
+    for: `start` is a multiple of the largest power of two not above the width.
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"[{start}, {end}) is not a range of leaves")
+    pieces: list[Subtree] = []
+    while start < end:
+        level = (end - start).bit_length() - 1
+        if start % (1 << level):
+            raise ValueError(f"leaf {start} does not start a subtree of {1 << level} leaves")
+        pieces.append(Subtree(level, start >> level))
+        start += 1 << level
+    return tuple(pieces)
+
+
+def join(roots: Sequence[bytes]) -> bytes:
+    """MTH of the leaves of consecutive complete subtrees (`subtrees`), from their roots."""
+    if not roots:
+        raise ValueError("no subtree roots to join")
+    current = roots[-1]
+    for left in reversed(roots[:-1]):
+        current = node_hash(left, current)
+    return current
+
+
+def inclusion_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges [start, end) whose MTHs, in order, are PATH(index, D[0:size])."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf {index} is not in a tree of size {size}")
+    return _path_ranges(index, 0, size)
+
+
+def consistency_ranges(old_size: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges [start, end) whose MTHs, in order, are PROOF(old_size, D[0:size]);
+    none for old_size 0 or old_size == size."""
+    if not 0 <= old_size <= size:
+        raise ValueError(f"old size {old_size} is not within 0..{size}")
+    if old_size in (0, size):
+        return []
+    return _subproof_ranges(old_size, 0, size, complete=True)
+
+
+def _path_ranges(index: int, start: int, end: int) -> list[tuple[int, int]]:
+    width = end - start
+    if width == 1:
+        return []
+    split = start + _largest_power_of_two_below(width)
+    if index < split:
+        return [*_path_ranges(index, start, split), (split, end)]
+    return [*_path_ranges(index, split, end), (start, split)]
+
+
+def _subproof_ranges(
+    old_size: int, start: int, end: int, *, complete: bool
+) -> list[tuple[int, int]]:
+    width = end - start
+    if old_size == width:
+        return [] if complete else [(start, end)]
+    split = _largest_power_of_two_below(width)
+    if old_size <= split:
+        return [
+            *_subproof_ranges(old_size, start, start + split, complete=complete),
+            (start + split, end),
+        ]
+    return [
+        *_subproof_ranges(old_size - split, start + split, end, complete=False),
+        (start, start + split),
+    ]
 
 
 class MerkleTree:
@@ -77,7 +178,7 @@ class MerkleTree:
         self._check_size(size)
         if not 0 <= index < size:
             raise IndexError(f"leaf {index} is not in a tree of size {size}")
-        return self._path(index, 0, size)
+        return [self._subtree(start, end) for start, end in inclusion_ranges(index, size)]
 
     def consistency_proof(self, old_size: int, size: int | None = None) -> list[bytes]:
         """RFC 9162 PROOF(old_size, D[0:size]); empty for old_size 0 or old_size == size."""
@@ -85,9 +186,7 @@ class MerkleTree:
         self._check_size(size)
         if not 0 <= old_size <= size:
             raise IndexError(f"old size {old_size} is not within 0..{size}")
-        if old_size in (0, size):
-            return []
-        return self._subproof(old_size, 0, size, complete=True)
+        return [self._subtree(start, end) for start, end in consistency_ranges(old_size, size)]
 
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= self.size:
@@ -99,30 +198,6 @@ class MerkleTree:
             return self._levels[width.bit_length() - 1][start // width]
         split = _largest_power_of_two_below(width)
         return node_hash(self._subtree(start, start + split), self._subtree(start + split, end))
-
-    def _path(self, index: int, start: int, end: int) -> list[bytes]:
-        width = end - start
-        if width == 1:
-            return []
-        split = _largest_power_of_two_below(width)
-        if index < start + split:
-            return [*self._path(index, start, start + split), self._subtree(start + split, end)]
-        return [*self._path(index, start + split, end), self._subtree(start, start + split)]
-
-    def _subproof(self, old_size: int, start: int, end: int, *, complete: bool) -> list[bytes]:
-        width = end - start
-        if old_size == width:
-            return [] if complete else [self._subtree(start, end)]
-        split = _largest_power_of_two_below(width)
-        if old_size <= split:
-            return [
-                *self._subproof(old_size, start, start + split, complete=complete),
-                self._subtree(start + split, end),
-            ]
-        return [
-            *self._subproof(old_size - split, start + split, end, complete=False),
-            self._subtree(start, start + split),
-        ]
 
 
 class RootAccumulator:

@@ -227,6 +227,7 @@ def get_consistency(
     new_size: Annotated[int, Query(alias="to", ge=0, le=_MAX_INDEX)],
 ) -> ConsistencyProofPublic:
     proof = evidence_log.consistency(session, old_size=old_size, new_size=new_size)
+    session.commit()  # keeps any subtree roots the proof had to compute
     return ConsistencyProofPublic(
         old_size=proof.old_size, new_size=proof.new_size, hashes=list(proof.hashes)
     )
@@ -250,6 +251,7 @@ def get_inclusion(
         session.commit()
         size = head.size
     proof = evidence_log.inclusion(session, leaf_index=leaf_index, size=size)
+    session.commit()  # keeps any subtree roots the proof had to compute
     return InclusionProofPublic(
         leaf_index=proof.leaf_index,
         tree_size=proof.tree_size,

@@ -1,21 +1,32 @@
 """The evidence log (api.evidence_log): signed tree heads, inclusion and consistency proofs
-that verify offline with gpudelivery.merkle, as docs/evidence-log.md says."""
+that verify offline with gpudelivery.merkle, as docs/evidence-log.md says; built from stored
+subtree roots, so that each reads a few blocks of leaves whatever the log's size."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Result, Select, delete, event, insert
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlalchemy.orm import ORMExecuteState
+from sqlmodel import Session, col, select
 
 from gpudelivery import canonical, merkle, signing
 from gpudelivery import errors as core_errors
 from gpudelivery.api import errors, evidence_log, ingest
-from gpudelivery.api.models import TreeHead
+from gpudelivery.api.models import MerkleNode, MeterBatch, TreeHead
 
 from utils import meters
 
@@ -237,3 +248,261 @@ def test_the_documented_example_holds() -> None:
     )
     assert f"\n{statement.decode()}\n" in log_page
     assert f'"hashes": ["{leaf_1}"]' in log_page
+
+
+# -- stored subtrees: heads and proofs read O(log n) rows ---------------------------------------
+
+
+def _bulk_fill(session: Session, count: int, *, start: int = 0) -> list[bytes]:
+    """Leaves `start` .. `start + count - 1`, inserted as rows of one registered key without
+    going through ingest (the evidence log reads only indexes and leaf hashes); their
+    hashes, committed."""
+    key = signing.generate()
+    meters.register(session, key, "gpu-node-09")
+    hashes = [merkle.leaf_hash(f"leaf-{index}".encode()) for index in range(start, start + count)]
+    session.execute(
+        insert(MeterBatch),
+        [
+            {
+                "key_id": key.key_id,
+                "seq": index,
+                "node": "gpu-node-09",
+                "hash": hashed.hex(),
+                "leaf_index": index,
+                "leaf_hash": hashed.hex(),
+                "document": b"{}",
+                "received_at": NOW,
+            }
+            for index, hashed in enumerate(hashes, start)
+        ],
+    )
+    session.commit()
+    return hashes
+
+
+@dataclass
+class RowsRead:
+    """Rows the selects of a session returned, by what they read."""
+
+    leaves: int = 0
+    nodes: int = 0
+
+
+@contextlib.contextmanager
+def _rows_read(session: Session) -> Iterator[RowsRead]:
+    """Count the leaf hashes and stored node hashes `session` reads while open."""
+    read = RowsRead()
+
+    def count(state: ORMExecuteState) -> Result[Any] | None:
+        if not isinstance(state.statement, Select):
+            return None
+        frozen = state.invoke_statement().freeze()
+        rows = len(frozen().all())
+        columns = {column.name for column in state.statement.selected_columns}
+        read.leaves += rows if "leaf_hash" in columns else 0
+        read.nodes += rows if {"level", "hash"} <= columns else 0
+        return frozen()
+
+    event.listen(session, "do_orm_execute", count)
+    try:
+        yield read
+    finally:
+        event.remove(session, "do_orm_execute", count)
+
+
+def _stored_nodes(engine: Engine) -> dict[tuple[int, int], str]:
+    with Session(engine) as session:
+        return {(node.level, node.index): node.hash for node in session.exec(select(MerkleNode))}
+
+
+LOG_SIZE = 2500
+LOG_HASHES = [merkle.leaf_hash(f"leaf-{index}".encode()) for index in range(LOG_SIZE)]
+LOG_TREE = merkle.MerkleTree(LOG_HASHES)
+# (stored level, blocks per extension step, whether stored nodes are lost, earlier size,
+# size), a leaf index, an old size.
+CASES = st.tuples(
+    st.sampled_from([2, 3]),
+    st.sampled_from([4, 64]),
+    st.booleans(),
+    st.integers(min_value=0, max_value=LOG_SIZE),
+    st.integers(min_value=1, max_value=LOG_SIZE),
+).flatmap(
+    lambda case: st.tuples(
+        st.just(case),
+        st.integers(min_value=0, max_value=case[4] - 1),
+        st.integers(min_value=0, max_value=case[4]),
+    )
+)
+
+
+@settings(max_examples=50, suppress_health_check=list(HealthCheck))
+@given(case=CASES)
+def test_roots_and_proofs_from_stored_subtrees_equal_the_whole_tree(
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[tuple[int, int, bool, int, int], int, int],
+) -> None:
+    """Whatever the stored level and step, however far nodes were stored before (`earlier`)
+    and even with a third of them lost, every proof equals the in-memory tree's and
+    verifies; so does the head of a log cut to `size`."""
+    (stored_level, step_blocks, lost, earlier, size), leaf_index, old_size = case
+    if evidence_log.log_size(session) == 0:
+        _bulk_fill(session, LOG_SIZE)
+    hashes, tree = LOG_HASHES, LOG_TREE
+    monkeypatch.setattr(evidence_log, "STORED_LEVEL", stored_level)
+    monkeypatch.setattr(evidence_log, "_EXTEND_BLOCKS", step_blocks)
+    try:
+        if earlier:
+            evidence_log.inclusion(session, leaf_index=0, size=earlier)
+        if lost:
+            session.execute(delete(MerkleNode).where(col(MerkleNode.index) % 3 == 1))
+
+        included = evidence_log.inclusion(session, leaf_index=leaf_index, size=size)
+        consistent = evidence_log.consistency(session, old_size=old_size, new_size=size)
+        session.execute(delete(MeterBatch).where(col(MeterBatch.leaf_index) >= size))
+        head = evidence_log.tree_head(session, key=PROVIDER, now_s=NOW)
+
+        path = [bytes.fromhex(node) for node in included.hashes]
+        proof = [bytes.fromhex(node) for node in consistent.hashes]
+        assert (head.size, head.root_hash) == (size, tree.root(size).hex())
+        assert included.leaf_hash == hashes[leaf_index].hex()
+        assert path == tree.inclusion_proof(leaf_index, size)
+        assert proof == tree.consistency_proof(old_size, size)
+        assert merkle.verify_inclusion(hashes[leaf_index], leaf_index, size, path, tree.root(size))
+        assert merkle.verify_consistency(
+            old_size, size, proof, tree.root(old_size), tree.root(size)
+        )
+    finally:
+        session.rollback()
+
+
+def test_stored_nodes_are_the_complete_subtrees_of_the_log_and_never_change(
+    session: Session, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evidence_log, "STORED_LEVEL", 2)
+    hashes = _bulk_fill(session, 1000)
+    expected = {
+        (level, index): merkle.MerkleTree(hashes[index << level : (index + 1) << level])
+        .root()
+        .hex()
+        for level in range(2, 10)
+        for index in range(1000 >> level)
+    }
+
+    _head(session)
+    first = _stored_nodes(engine)
+    _head(session, NOW + 60)
+    for leaf_index in range(0, 1000, 7):
+        evidence_log.inclusion(session, leaf_index=leaf_index, size=1000)
+        evidence_log.consistency(session, old_size=leaf_index + 1, new_size=1000)
+    session.commit()
+    with Session(engine) as other:
+        evidence_log.tree_head(other, key=signing.generate(), now_s=NOW + 120)
+        other.commit()
+
+    assert first == expected
+    assert _stored_nodes(engine) == expected
+
+
+def test_a_grown_log_stores_only_the_subtrees_its_new_leaves_complete(
+    session: Session, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evidence_log, "STORED_LEVEL", 2)
+    _bulk_fill(session, 10)
+    _head(session)
+    before = set(_stored_nodes(engine))
+    _bulk_fill(session, 7, start=10)
+
+    _head(session, NOW + 60)
+
+    assert before == {(2, 0), (2, 1), (3, 0)}
+    assert set(_stored_nodes(engine)) - before == {(2, 2), (2, 3), (3, 1), (4, 0)}
+
+
+def test_two_sessions_storing_the_same_nodes_at_once_both_succeed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second session computes the nodes the first has stored but not yet committed;
+    its inserts skip them (PostgreSQL waits for the first to commit, SQLite for its lock)."""
+    monkeypatch.setattr(evidence_log, "STORED_LEVEL", 2)
+    with Session(engine) as session:
+        _bulk_fill(session, 300)
+    second_inserts = threading.Event()
+
+    def second_head() -> tuple[int, str, str]:
+        def before_insert(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if statement.startswith("INSERT INTO merkle_nodes"):
+                second_inserts.set()
+
+        with Session(engine) as session:
+            event.listen(session.connection(), "before_cursor_execute", before_insert)
+            head = evidence_log.tree_head(session, key=PROVIDER, now_s=NOW + 60)
+            session.commit()
+            return head.size, head.root_hash, head.signature
+
+    with Session(engine) as first, ThreadPoolExecutor(max_workers=1) as pool:
+        head = evidence_log.tree_head(first, key=PROVIDER, now_s=NOW)
+        expected = (head.size, head.root_hash, head.signature)
+        second = pool.submit(second_head)
+        assert second_inserts.wait(timeout=30)
+        first.commit()
+        assert second.result(timeout=30) == expected
+
+    assert len(_stored_nodes(engine)) == 75 + 37 + 18 + 9 + 4 + 2 + 1
+    assert meters.count(engine, TreeHead) == 1
+
+
+def test_a_first_head_reads_each_leaf_once_in_bounded_steps(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evidence_log, "_EXTEND_BLOCKS", 4)
+    _bulk_fill(session, 5000)
+
+    with _rows_read(session) as read:
+        head = _head(session)
+
+    assert head.size == 5000
+    assert read.leaves == 5000  # 19 blocks of 256 stored, the last 136 leaves for the root
+
+
+def test_heads_and_proofs_of_a_large_log_read_a_few_blocks_of_leaves(session: Session) -> None:
+    _bulk_fill(session, 5000)
+    _head(session)
+    _bulk_fill(session, 300, start=5000)
+
+    with _rows_read(session) as grown:
+        _head(session, NOW + 60)
+    with _rows_read(session) as first_leaf:
+        evidence_log.inclusion(session, leaf_index=0, size=5000)
+    with _rows_read(session) as last_leaf:
+        evidence_log.inclusion(session, leaf_index=4999, size=5000)
+    reads: list[RowsRead] = []
+    for leaf_index in range(0, 5300, 53):
+        for size in {leaf_index + 1, max(leaf_index + 1, 4321), 5300}:
+            with _rows_read(session) as read:
+                evidence_log.inclusion(session, leaf_index=leaf_index, size=size)
+            reads.append(read)
+            with _rows_read(session) as read:
+                evidence_log.consistency(session, old_size=leaf_index + 1, new_size=size)
+            reads.append(read)
+
+    # The new leaves completed block 19 (leaves 4864..5119), read once and stored with its
+    # 2 new ancestors, found beside 3 stored subtrees; the root read the last 180 leaves
+    # and its 2 stored subtrees (4096 and 1024 leaves).
+    assert (grown.leaves, grown.nodes) == (256 + 180, 3 + 2)
+    # Leaf 0's block and the last 136 leaves; the subtrees of 256, 512, 1024 and 2048
+    # leaves beside the path to leaf 0, and of 512 and 256 leaves after leaf 4096.
+    assert (first_leaf.leaves, first_leaf.nodes) == (256 + 136, 6)
+    # The last 136 leaves; the subtrees of 4096, 512 and 256 leaves left of them.
+    assert (last_leaf.leaves, last_leaf.nodes) == (136, 3)
+    assert max(read.leaves for read in reads) <= 2 * 256
+    assert max(read.nodes for read in reads) <= 2 * 13
+
+
+def test_a_missing_leaf_is_reported_not_hashed_over(session: Session) -> None:
+    _bulk_fill(session, 600)
+    session.execute(delete(MeterBatch).where(col(MeterBatch.leaf_index) == 300))
+    session.commit()
+
+    with pytest.raises(evidence_log.EvidenceLogError, match=r"^leaf 300 is missing from the log$"):
+        evidence_log.tree_head(session, key=PROVIDER, now_s=NOW)

@@ -10,6 +10,8 @@ verifies, and every alteration of a proof, its index, sizes, leaf or roots fails
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from collections.abc import Callable
 
 import pytest
@@ -356,6 +358,102 @@ def test_random_leaf_lists_give_the_rfc_root_and_proofs(
     assert tree.consistency_proof(old_size, size) == proof(old_size, data[:size])
     if size:
         assert tree.inclusion_proof(index, size) == path(index, data[:size])
+
+
+# -- proofs as ranges of leaves, ranges as complete subtrees ----------------------------------
+
+
+def assert_joins_from_its_subtrees(start: int, end: int) -> None:
+    """[start, end) is covered, left to right, by aligned complete subtrees whose roots
+    join into its MTH."""
+    pieces = merkle.subtrees(start, end)
+    bounds = [start, *(piece.end for piece in pieces)]
+    assert [(piece.start, piece.end) for piece in pieces] == list(itertools.pairwise(bounds))
+    assert bounds[-1] == end
+    assert [piece.level for piece in pieces] == sorted(
+        {piece.level for piece in pieces}, reverse=True
+    )
+    assert merkle.join([mth(LEAVES[piece.start : piece.end]) for piece in pieces]) == mth(
+        LEAVES[start:end]
+    )
+
+
+@pytest.mark.parametrize("size", ORACLE_SIZES)
+def test_proof_ranges_are_the_leaves_of_the_rfc_proofs(size: int) -> None:
+    data = LEAVES[:size]
+    assert [
+        [mth(data[start:end]) for start, end in merkle.inclusion_ranges(index, size)]
+        for index in range(size)
+    ] == [path(index, data) for index in range(size)]
+    assert [
+        [mth(data[start:end]) for start, end in merkle.consistency_ranges(old_size, size)]
+        for old_size in range(size + 1)
+    ] == [proof(old_size, data) for old_size in range(size + 1)]
+
+
+@pytest.mark.parametrize("size", ORACLE_SIZES[1:])
+def test_every_range_a_proof_or_root_needs_joins_from_complete_subtrees(size: int) -> None:
+    assert_joins_from_its_subtrees(0, size)
+    for index in range(size):
+        for start, end in merkle.inclusion_ranges(index, size):
+            assert_joins_from_its_subtrees(start, end)
+    for old_size in range(size + 1):
+        for start, end in merkle.consistency_ranges(old_size, size):
+            assert_joins_from_its_subtrees(start, end)
+
+
+def test_the_subtrees_of_a_range_are_the_binary_digits_of_its_width() -> None:
+    assert merkle.subtrees(0, 13) == (
+        merkle.Subtree(3, 0),
+        merkle.Subtree(2, 2),
+        merkle.Subtree(0, 12),
+    )
+    assert merkle.subtrees(48, 64) == (merkle.Subtree(4, 3),)
+    assert (merkle.Subtree(3, 2).start, merkle.Subtree(3, 2).end) == (16, 24)
+
+
+@given(
+    start=st.integers(min_value=0, max_value=2**40),
+    width=st.integers(min_value=1, max_value=2**40),
+    aligned=st.booleans(),
+)
+def test_a_range_that_starts_aligned_decomposes_and_any_other_is_refused(
+    start: int, width: int, aligned: bool
+) -> None:
+    top = 1 << (width.bit_length() - 1)
+    if aligned:
+        start -= start % top
+    if start % top:
+        with pytest.raises(ValueError, match=r"^leaf \d+ does not start a subtree of \d+ leaves$"):
+            merkle.subtrees(start, start + width)
+        return
+    pieces = merkle.subtrees(start, start + width)
+    assert [piece.end - piece.start for piece in pieces] == [
+        1 << bit for bit in reversed(range(width.bit_length())) if width >> bit & 1
+    ]
+    assert (pieces[0].start, pieces[-1].end) == (start, start + width)
+
+
+OUT_OF_RANGE_RANGES: list[tuple[Callable[[], object], str]] = [
+    (lambda: merkle.subtrees(3, 3), "[3, 3) is not a range of leaves"),
+    (lambda: merkle.subtrees(-1, 3), "[-1, 3) is not a range of leaves"),
+    (lambda: merkle.subtrees(1, 3), "leaf 1 does not start a subtree of 2 leaves"),
+    (lambda: merkle.join([]), "no subtree roots to join"),
+    (lambda: merkle.inclusion_ranges(5, 5), "leaf 5 is not in a tree of size 5"),
+    (lambda: merkle.inclusion_ranges(-1, 5), "leaf -1 is not in a tree of size 5"),
+    (lambda: merkle.consistency_ranges(8, 7), "old size 8 is not within 0..7"),
+    (lambda: merkle.consistency_ranges(-1, 7), "old size -1 is not within 0..7"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"), OUT_OF_RANGE_RANGES, ids=[m for _, m in OUT_OF_RANGE_RANGES]
+)
+def test_ranges_and_subtrees_refuse_what_no_tree_has(
+    call: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call()
 
 
 # -- inclusion proofs ---------------------------------------------------------------------------
