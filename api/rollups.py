@@ -34,7 +34,7 @@ import bisect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, text, tuple_, update
+from sqlalchemy import and_, func, insert, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col
 
@@ -211,17 +211,22 @@ def _fold(session: Session, records: Sequence[MeterRecord], width_s: int) -> Non
     keys = sorted({(r.node, r.gpu_uuid, bucket_of(r.t0_s, width_s)) for r in records})
     open_rows: dict[tuple[str, str, int, bool], list[tuple[int | None, RollupAccumulator]]] = {}
     for start in range(0, len(keys), _KEYS_PER_QUERY):
+        # Each column against a list, not a row constructor against a list of rows:
+        # PostgreSQL scans the index with arrays, where `(a, b, c) IN (...)` becomes an OR
+        # of every key tested on every row. The few extra rows the cross product may match
+        # (a GPU's row in another GPU's bucket) are dropped here.
+        wanted = set(keys[start : start + _KEYS_PER_QUERY])
         stored = session.execute(
             sa_select(*_ROW_COLUMNS).where(
+                col(MeterRollupRow.node).in_(sorted({node for node, _, _ in wanted})),
+                col(MeterRollupRow.gpu_uuid).in_(sorted({gpu for _, gpu, _ in wanted})),
                 col(MeterRollupRow.width_s) == width_s,
-                tuple_(
-                    col(MeterRollupRow.node),
-                    col(MeterRollupRow.gpu_uuid),
-                    col(MeterRollupRow.bucket_s),
-                ).in_(keys[start : start + _KEYS_PER_QUERY]),
+                col(MeterRollupRow.bucket_s).in_(sorted({bucket for _, _, bucket in wanted})),
             )
         )
         for row in stored:
+            if (row[1], row[2], row[3]) not in wanted:
+                continue
             key = (row[1], row[2], row[3], row[6])
             open_rows.setdefault(key, []).append((int(row[0]), _accumulator(row, width_s)))
     changed: set[int] = set()
