@@ -19,10 +19,12 @@ up sends, and is reported beside it.
 
 Proofs. The evidence of a 512-GPU fleet (64 nodes) over a 30-day window is bulk-loaded (COPY,
 not timed) as ingest stores it, batches in the evidence log and one row per record, then
-vacuumed and analyzed. Contracts of 64, 128, 256 and 512 GPUs hold the fleet's first nodes
+vacuumed and analyzed. The `rollups` job then runs until it has caught up (timed: records a
+second, and against what 512 GPUs metered at 1 Hz write). Contracts of 64, 128, 256 and 512 GPUs hold the fleet's first nodes
 for the whole window, and `api.proofs.build_proof` runs for each in a fresh process, warmed
 by an untimed build of the first hour: wall and CPU time of that process, CPU time of its
-PostgreSQL backend, peak memory; best of a few. The evidence log's head is signed once
+PostgreSQL backend, peak memory, and (in a second, untimed build) the roll-up and record
+rows it read; best of a few. The evidence log's head is signed once
 beforehand and timed on its own: a build reuses it while the log has not grown. Goal:
 linear in GPUs (`proof_linearity_*` near 1.0). Each proof is checked against the delivered
 GPU-seconds the generator knows it wrote, so a fast wrong answer cannot pass for a result.
@@ -31,7 +33,9 @@ Scaled: the proof's evidence holds one record per GPU per 10 minutes by default,
 second as the agent sends (30 days of 512 GPUs at 1 Hz are 1.3 billion rows). Batches keep
 10 records per GPU (80 records, spanning 100 minutes); their documents are placeholders,
 not signed batches, since a proof reads only the records and each batch's place in the log.
-The `*_1hz_estimate` figures extrapolate the measured cost per record to 1 Hz.
+A whole-window proof reads hour roll-ups, one per GPU, hour and health state, however many
+records they hold, so at 1 Hz it reads the same rows: `proof_512_30d_1hz_records_per_row_read`
+is what each of them would stand for.
 """
 
 from __future__ import annotations
