@@ -17,17 +17,18 @@ of the API's processes and of the PostgreSQL backends, which says where the time
 Goal: >= 50 % of COPY at 10 batches a request; 1 batch a request is what an agent that keeps
 up sends, and is reported beside it.
 
-Proofs. The evidence of a 512-GPU fleet (64 nodes) over a 30-day window is bulk-loaded (COPY,
-not timed) as ingest stores it, batches in the evidence log and one row per record, then
-vacuumed and analyzed. The `rollups` job then runs until it has caught up (timed: records a
-second, and against what 512 GPUs metered at 1 Hz write). Contracts of 64, 128, 256 and 512 GPUs hold the fleet's first nodes
-for the whole window, and `api.proofs.build_proof` runs for each in a fresh process, warmed
-by an untimed build of the first hour: wall and CPU time of that process, CPU time of its
-PostgreSQL backend, peak memory, and (in a second, untimed build) the roll-up and record
-rows it read; best of a few. The evidence log's head is signed once
-beforehand and timed on its own: a build reuses it while the log has not grown. Goal:
-linear in GPUs (`proof_linearity_*` near 1.0). Each proof is checked against the delivered
-GPU-seconds the generator knows it wrote, so a fast wrong answer cannot pass for a result.
+Proofs. The evidence of a 512-GPU fleet (64 nodes) over a 30-day window is bulk-loaded
+(COPY, not timed) as ingest stores it, batches in the evidence log and one row per record,
+then vacuumed and analyzed. The `rollups` job then runs until it has caught up (timed:
+records a second, and against what 512 GPUs metered at 1 Hz write). Contracts of 64, 128,
+256 and 512 GPUs hold the fleet's first nodes for the whole window, and
+`api.proofs.build_proof` runs for each in a fresh process, warmed by an untimed build of the
+first hour: wall and CPU time of that process, CPU time of its PostgreSQL backend, peak
+memory, and (in a second, untimed build) the roll-up and record rows it read; best of a few.
+The evidence log's head is signed once beforehand and timed on its own: a build reuses it
+while the log has not grown. Goal: linear in GPUs (`proof_linearity_*` near 1.0). Each proof
+is checked against the delivered GPU-seconds the generator knows it wrote, so a fast wrong
+answer cannot pass for a result.
 
 Scaled: the proof's evidence holds one record per GPU per 10 minutes by default, not one a
 second as the agent sends (30 days of 512 GPUs at 1 Hz are 1.3 billion rows). Batches keep
