@@ -35,6 +35,14 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     return variables
 
 
+def _ready(base: str) -> bool:
+    """Whether the API served at `base` answers /readyz."""
+    try:
+        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_migrate_reports_the_revision(runner: CliRunner, environment: dict[str, str]) -> None:
     result = runner.invoke(app, ["api", "migrate"])
     assert result.exit_code == 0, result.output
@@ -94,14 +102,7 @@ def test_a_created_key_works_against_the_served_api_until_revoked(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        poll(ready)
+        poll(lambda: _ready(base))
         headers = {"Authorization": f"Bearer {token}"}
         assert httpx.get(base + "/v1/contracts", headers=headers).json() == {"data": [], "count": 0}
         key_id = token.split("_")[1]
@@ -172,14 +173,7 @@ def test_several_workers_serve_ingest_on_postgresql(
     key = signing.generate()
     documents = meters.chain(key, "gpu-node-07", 3)
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(base + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        poll(ready)
+        poll(lambda: _ready(base))
         registered = httpx.post(
             base + "/v1/meter/keys",
             headers={"Authorization": f"Bearer {BOOTSTRAP_TOKEN}"},
