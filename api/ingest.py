@@ -11,7 +11,12 @@ records flattened into `meter_records` for the settlement's joins.
 Signatures are checked first, then leaf indexes and chain heads are read and written
 under one lock per database (api.ingest_store, which does the reading and writing), so two
 requests never give out the same leaf index or both extend a chain from the same head.
-Nothing here commits: the route commits once per request.
+On PostgreSQL the records, most of what a request writes, go in before that lock: the
+chains are read without it and judged, the records of the batches that would be accepted
+are written, and under the lock the chains are read and judged again. When the verdicts
+differ (another request moved one of the chains in between: an agent that sent the same
+batches twice at once), the transaction is rolled back and the request done again with
+the lock taken first. Nothing here commits: the route commits once per request.
 
 Not here: request-level checks (JSON, batch count, body size) belong to the route;
 the evidence log's heads and proofs to api.evidence_log.
@@ -28,6 +33,7 @@ from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
@@ -44,6 +50,7 @@ __all__ = [
     "BatchResult",
     "BatchStatus",
     "ingest",
+    "record_count",
     "register_key",
     "revoke_key",
 ]
@@ -119,42 +126,113 @@ class _Ingest:
     verified: dict[int, batches.MeterBatch | errors.GpuDeliveryError] = field(default_factory=dict)
 
 
-def ingest(session: Session, *, documents: list[Any], now_s: int) -> list[BatchResult]:
-    """Verify and store `documents` (decoded batches, in request order); one result each.
+class _ChainsMoved(Exception):
+    """Under the lock, the chains judged differently than before it."""
 
-    The caller commits. Chain order is per node key; the request may mix nodes, and
-    however many it holds, each table is read once.
+
+def ingest(session: Session, *, documents: list[Any], now_s: int) -> list[BatchResult]:
+    """Verify and store `documents` (batches decoded as JSON or as batches.UsualBatch, in
+    request order); one result each.
+
+    The caller commits; ingest must be the first thing in its transaction, which it may
+    roll back and do again. Chain order is per node key; the request may mix nodes, and
+    however many it holds, each table is read once (twice on PostgreSQL).
     """
+    if ingest_store.writes_records_first(session.connection()):
+        try:
+            return _ingest(session, documents, now_s, records_first=True)
+        except _ChainsMoved:
+            session.rollback()
+    return _ingest(session, documents, now_s, records_first=False)
+
+
+def _ingest(
+    session: Session, documents: list[Any], now_s: int, *, records_first: bool
+) -> list[BatchResult]:
     connection = session.connection()
     ingest_store.begin(connection)
     echoes = [_echo(document) for document in documents]
     key_ids = {key_id for _, key_id, _ in echoes if _could_be_registered(key_id)}
-    state = _Ingest(now_s=now_s, keys=ingest_store.load_keys(connection, key_ids))
-    for index, (document, (node, key_id, _)) in enumerate(zip(documents, echoes, strict=True)):
-        _preverify(state, index, document, node, key_id)
+    request = _Ingest(now_s=now_s, keys=ingest_store.load_keys(connection, key_ids))
+    # What the request sends of each registered key's chain: the stored hashes to read.
     sent = {
-        (verdict.key_id, verdict.seq)
-        for verdict in state.verified.values()
-        if isinstance(verdict, batches.MeterBatch)
+        (key_id, seq)
+        for _, key_id, seq in echoes
+        if key_id in request.keys and seq is not None and 0 <= seq < batches.MAX_SEQ
     }
+    expected: list[BatchResult] | None = None
+    if records_first:
+        expected = _verify_and_write_records(connection, request, documents, echoes, sent)
+    else:
+        for index, (document, (node, key_id, _)) in enumerate(zip(documents, echoes, strict=True)):
+            _preverify(request, index, document, node, key_id)
     # Signatures, the costly part, are checked: on PostgreSQL, the lock is taken only now.
-    chains = ingest_store.lock_and_read_chains(connection, key_ids=state.keys, sent=sent)
-    state.next_leaf, state.heads, state.stored = chains.next_leaf, chains.heads, chains.stored
+    chains = ingest_store.lock_and_read_chains(connection, key_ids=request.keys, sent=sent)
+    state = _judgement(request, chains)
     results = [
         _ingest_one(state, index, document, echo)
         for index, (document, echo) in enumerate(zip(documents, echoes, strict=True))
     ]
+    if expected is not None and results != expected:
+        raise _ChainsMoved
     ingest_store.write(
         connection,
         batch_rows=state.batch_rows,
-        record_rows=state.record_rows,
+        record_rows=() if records_first else state.record_rows,
         incident_rows=state.incident_rows,
     )
     return results
 
 
+def _verify_and_write_records(
+    connection: Connection,
+    request: _Ingest,
+    documents: list[Any],
+    echoes: list[tuple[str | None, str | None, int | None]],
+    sent: set[tuple[str, int]],
+) -> list[BatchResult]:
+    """Check each batch's signature and judge it against the chains as they are before
+    the lock, streaming the records of those it would accept to the database as it goes
+    (which stores them while the next batches are checked); the results it expects."""
+    early = _judgement(
+        request, ingest_store.read_chains(connection, key_ids=request.keys, sent=sent)
+    )
+    expected = []
+    with ingest_store.record_writer(connection) as write_records:
+        for index, (document, echo) in enumerate(zip(documents, echoes, strict=True)):
+            _preverify(request, index, document, echo[0], echo[1])
+            expected.append(_ingest_one(early, index, document, echo))
+            write_records(early.record_rows)
+            early.record_rows.clear()
+    return expected
+
+
+def _judgement(request: _Ingest, chains: ingest_store.Chains) -> _Ingest:
+    """A fresh judgement of the request's batches against `chains`: it shares `request`'s
+    keys and checked signatures, and collects its own results' rows."""
+    return _Ingest(
+        now_s=request.now_s,
+        keys=request.keys,
+        public_keys=request.public_keys,
+        verified=request.verified,
+        next_leaf=chains.next_leaf,
+        heads=dict(chains.heads),
+        stored=chains.stored,
+    )
+
+
+def record_count(document: object) -> int:
+    """How many records an accepted batch (a document `ingest` took) stored."""
+    if isinstance(document, batches.UsualBatch):
+        return len(document.records)
+    assert isinstance(document, dict)  # accepted, so a batch
+    return len(document["records"])
+
+
 def _echo(document: object) -> tuple[str | None, str | None, int | None]:
     """What a result repeats of a batch: its node, key id and seq, when they have a type."""
+    if isinstance(document, batches.UsualBatch):
+        return document.node, document.key_id, document.seq
     if not isinstance(document, dict):
         return None, None, None
     node, key_id, seq = document.get("node"), document.get("key_id"), document.get("seq")

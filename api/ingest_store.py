@@ -9,20 +9,31 @@ round trip and the writes are binary COPY, through psycopg itself (in the sessio
 transaction): ingest's statements are its hot path, and SQLAlchemy costs several times
 what psycopg does per statement. SQLite, in-process, has no round trips to save.
 
-The lock: PostgreSQL's is a transaction-level advisory lock, taken once signatures are
-checked, so two requests verify at once and take turns only to place batches in their
-chains and write them. SQLite's is its single write lock, taken first (`begin`): a read
-before it could leave the transaction on a snapshot that can no longer be upgraded to a
-write once another request commits. Either is held until commit, so two requests never
-give out the same leaf index or both extend a chain from the same head, and record ids
-grow in commit order (api.rollups relies on it).
+The ingest lock: PostgreSQL's is a transaction-level advisory lock, taken once signatures
+are checked and the records are written (api.ingest reads the chains without it first and
+writes the records of the batches it expects to accept, then checks under the lock that
+the chains did not move), so two requests verify and write records at once and take
+turns only to place batches in their chains and write those. SQLite's is its single write
+lock, taken first (`begin`): a read before it could leave the transaction on a snapshot
+that can no longer be upgraded to a write once another request commits. Either is held
+until commit, so two requests never give out the same leaf index or both extend a chain
+from the same head.
+
+The records lock (PostgreSQL): every ingest holds it shared from its first read of the
+chains to commit, so
+records written before the ingest lock may take ids out of commit order only while their
+transaction is open. `settled_record_id` takes it exclusively for a moment: once every
+ingest that was writing has ended, no record at or below the largest id then stored can
+still appear, which is the mark api.rollups may move to. On SQLite, ids grow in commit
+order: the write lock is taken before anything is written.
 
 Not here: what the batches mean (api.ingest), the evidence log's heads (api.evidence_log).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +52,11 @@ __all__ = [
     "begin",
     "load_keys",
     "lock_and_read_chains",
+    "read_chains",
+    "record_writer",
+    "settled_record_id",
     "write",
+    "writes_records_first",
 ]
 
 # meter_batches and meter_records as ingest writes them, and their PostgreSQL types for
@@ -72,6 +87,8 @@ _RECORD_TYPES = ("varchar", "int8", "varchar", "varchar", "int8", "int8", "bool"
 # Any constant serves, as long as every ingest uses the same one: it names the one
 # transaction-level PostgreSQL advisory lock under which chain heads and leaf indexes move.
 _INGEST_LOCK_ID = 0x67707564_656C6976  # "gpudeliv"
+# The records lock: shared by every ingest transaction, exclusive for `settled_record_id`.
+_RECORDS_LOCK_ID = 0x67707564_72656373  # "gpudrecs"
 # Where a pooled connection remembers whether its server compresses with lz4.
 _LZ4_KNOWN = "gpudelivery.ingest.lz4"
 
@@ -82,6 +99,11 @@ _LZ4_KNOWN = "gpudelivery.ingest.lz4"
 _KEYS = "SELECT key_id, node, public_key_pem, revoked_at FROM meter_keys WHERE key_id = ANY(%s)"
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 _LOCK_LZ4 = "SELECT pg_advisory_xact_lock(%s), set_config('default_toast_compression', 'lz4', true)"
+_RECORDS_SHARED = "SELECT pg_advisory_xact_lock_shared(%s)"
+# Session-level, released at once: the job's transaction goes on for a while.
+_RECORDS_EXCLUSIVE = "SELECT pg_advisory_lock(%s)"
+_RECORDS_RELEASE = "SELECT pg_advisory_unlock(%s)"
+_NEWEST_RECORD = "SELECT max(id) FROM meter_records"
 _LAST_LEAF = "SELECT max(leaf_index) FROM meter_batches"
 _HEADS = (
     "SELECT head.key_id, head.seq, head.hash FROM unnest(%s::varchar[]) AS wanted(key_id) "
@@ -129,9 +151,30 @@ class Chains:
 
 
 def begin(connection: Connection) -> None:
-    """Start an ingest: on SQLite, take the write lock before anything is read."""
+    """Start an ingest: on SQLite, take the write lock before anything is read. (On
+    PostgreSQL, reading the chains takes the records lock.)"""
     if connection.dialect.name != "postgresql":
         connection.execute(text("UPDATE meter_batches SET seq = seq WHERE 1 = 0"))
+
+
+def writes_records_first(connection: Connection) -> bool:
+    """Whether an ingest may write records before it takes the ingest lock (PostgreSQL;
+    on SQLite it holds the one write lock from the start anyway)."""
+    return connection.dialect.name == "postgresql"
+
+
+def settled_record_id(connection: Connection) -> int | None:
+    """The largest record id below which no record can still appear (None: no bound is
+    needed, on SQLite). Waits for the ingests writing at the moment to end."""
+    if connection.dialect.name != "postgresql":
+        return None
+    driver = _driver(connection)
+    driver.execute(_RECORDS_EXCLUSIVE, (_RECORDS_LOCK_ID,))
+    try:
+        row = driver.execute(_NEWEST_RECORD).fetchone()
+    finally:
+        driver.execute(_RECORDS_RELEASE, (_RECORDS_LOCK_ID,))
+    return 0 if row is None or row[0] is None else int(row[0])
 
 
 def load_keys(connection: Connection, key_ids: Collection[str]) -> dict[str, NodeKey]:
@@ -161,9 +204,29 @@ def lock_and_read_chains(
 ) -> Chains:
     """Under the ingest lock (taken here on PostgreSQL): the next leaf index, the head of
     each of `key_ids`, and the stored hashes of the batches `sent` ((key_id, seq) pairs)."""
+    return _read_chains(connection, key_ids, sent, lock=True)
+
+
+def read_chains(
+    connection: Connection, *, key_ids: Collection[str], sent: Collection[tuple[str, int]]
+) -> Chains:
+    """`lock_and_read_chains` without the lock: what the chains are now, which they may no
+    longer be by the time the lock is granted."""
+    return _read_chains(connection, key_ids, sent, lock=False)
+
+
+def _read_chains(
+    connection: Connection,
+    key_ids: Collection[str],
+    sent: Collection[tuple[str, int]],
+    *,
+    lock: bool,
+) -> Chains:
     wanted_keys, wanted_batches = sorted(key_ids), sorted(sent)
     if connection.dialect.name == "postgresql":
-        last_leaf, heads, stored = _read_postgresql(connection, wanted_keys, wanted_batches)
+        last_leaf, heads, stored = _read_postgresql(
+            connection, wanted_keys, wanted_batches, lock=lock
+        )
     else:
         last_leaf, heads, stored = _read_sqlite(connection, wanted_keys, wanted_batches)
     chains = Chains(
@@ -180,12 +243,14 @@ _Rows = Sequence[Sequence[Any]]
 
 
 def _read_postgresql(
-    connection: Connection, key_ids: list[str], sent: list[tuple[str, int]]
+    connection: Connection, key_ids: list[str], sent: list[tuple[str, int]], *, lock: bool
 ) -> tuple[Any, _Rows, _Rows]:
     driver = _driver(connection)
-    lock = _LOCK_LZ4 if _has_lz4(connection) else _LOCK
+    lock_statement = (_LOCK_LZ4 if _has_lz4(connection) else _LOCK) if lock else None
     with driver.pipeline():
-        driver.execute(lock, (_INGEST_LOCK_ID,))
+        driver.execute(_RECORDS_SHARED, (_RECORDS_LOCK_ID,))  # again: a no-op if held
+        if lock_statement is not None:
+            driver.execute(lock_statement, (_INGEST_LOCK_ID,))
         last_leaf = driver.execute(_LAST_LEAF)
         heads = driver.execute(_HEADS, (key_ids,))
         stored = driver.execute(_STORED, ([key for key, _ in sent], [seq for _, seq in sent]))
@@ -248,6 +313,29 @@ def write(
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+
+@contextlib.contextmanager
+def record_writer(
+    connection: Connection,
+) -> Iterator[Callable[[Sequence[tuple[Any, ...]]], None]]:
+    """A function that writes record rows (in `RECORD_COLUMNS` order) as they come: on
+    PostgreSQL into one binary COPY, open until the block ends, which the server stores
+    while the caller goes on; on SQLite, in one insert at the end."""
+    if connection.dialect.name != "postgresql":
+        rows: list[tuple[Any, ...]] = []
+        yield rows.extend
+        write(connection, batch_rows=(), record_rows=rows, incident_rows=())
+        return
+    statement = f"COPY meter_records ({', '.join(RECORD_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+    with _driver(connection).cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(_RECORD_TYPES)
+
+        def write_rows(rows: Sequence[tuple[Any, ...]]) -> None:
+            for row in rows:
+                copy.write_row(row)
+
+        yield write_rows
 
 
 def _driver(connection: Connection) -> psycopg.Connection[Any]:

@@ -6,8 +6,9 @@ cannot read them all. The `rollups` job folds them, in the order they were store
 whose t0 lie in one aligned bucket and whose intervals connect, summed exactly) at two
 widths: hour buckets, and minute buckets. `rollup_state` keeps how far it has read: every
 record with `id` <= `last_record_id` is in exactly one row of each width, and no later
-record is in any. Record ids grow in commit order, since ingest writes them under its lock
-(api.ingest), so a record the job has not read is always past the mark.
+record is in any. The mark moves only up to a settled id (api.ingest_store's
+`settled_record_id`: no record at or below it can still be committed, although ingests
+write records before their lock), so a record the job has not read is always past it.
 
 `evidence` gives a proof, for each assigned GPU:
 
@@ -39,6 +40,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col
 
 from gpudelivery.accounting import Span
+from gpudelivery.api import ingest_store
 from gpudelivery.api.models import MeterBatch, MeterRecordRow, MeterRollupRow, RollupState
 from gpudelivery.evidence import GpuKey, MeterRecord
 from gpudelivery.rollup import (
@@ -126,12 +128,11 @@ def roll_up(session: Session, *, now_s: int, limit: int = CHUNK_RECORDS) -> int:
     how many records it read. The caller commits."""
     _lock(session, exclusive=True)
     last = _watermark(session)
-    rows = session.execute(
-        sa_select(col(MeterRecordRow.id), *_RECORD_COLUMNS)
-        .where(col(MeterRecordRow.id) > last)
-        .order_by(col(MeterRecordRow.id))
-        .limit(limit)
-    ).all()
+    query = sa_select(col(MeterRecordRow.id), *_RECORD_COLUMNS).where(col(MeterRecordRow.id) > last)
+    settled = ingest_store.settled_record_id(session.connection())
+    if settled is not None:
+        query = query.where(col(MeterRecordRow.id) <= settled)
+    rows = session.execute(query.order_by(col(MeterRecordRow.id)).limit(limit)).all()
     if not rows:
         return 0
     records = [

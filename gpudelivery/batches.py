@@ -11,14 +11,25 @@ SHA-256 of the canonical JSON of the whole signed batch.
 A batch may instead carry a `gap` ({from, to, reason}): a signed admission that the records
 of that span were lost (a full disk, say), so silence is never mistaken for an outage of the
 meter's choosing. Gaps count as unmetered seconds in the settlement.
+
+Two ways in, one verdict. `parse_batch` takes any decoded JSON value. `UsualBatch` is the
+shape the metering agent makes (docs/meter-batch.md's fields, the agent's record fields,
+integers within 2^53, no floats), decoded typed by msgspec: its types are checked in C while
+decoding, its canonical bytes are one sorted encode (those values need no RFC 8785 walk),
+and its structs are left out of the garbage collector's tracking. `parse_batch` gives a
+`UsualBatch` exactly the verdict it gives the same batch decoded as plain JSON: one that
+fails any check goes through the general path, which names the field. A property test
+holds the two paths equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
+import msgspec
+import orjson
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gpudelivery import canonical, errors, evidence, signing, timefmt
@@ -26,11 +37,14 @@ from gpudelivery.evidence import MeterRecord
 
 __all__ = [
     "BATCH_FORMAT",
+    "MAX_SEQ",
     "ChainError",
     "Gap",
     "MeterBatch",
     "RecordValues",
     "SignedBatch",
+    "UsualBatch",
+    "UsualRecord",
     "batch_hash",
     "check_link",
     "parse_batch",
@@ -44,6 +58,8 @@ __all__ = [
 BATCH_FORMAT = "gpudelivery.meter-batch/v1"
 # RFC 8785 serialises numbers as IEEE doubles: larger integers would not survive.
 _MAX_JSON_INTEGER = 2**53
+# A batch's seq is below this.
+MAX_SEQ = _MAX_JSON_INTEGER
 _HASH_HEX_DIGITS = 64
 _LOWER_HEX = "0123456789abcdef"
 _FIELDS = frozenset({"format", "node", "key_id", "seq", "prev_hash", "records", "gap", "signature"})
@@ -69,7 +85,7 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class MeterBatch:
-    """A parsed batch; `document` is the signed JSON it came from."""
+    """A parsed batch: its header, its records' values and its canonical bytes."""
 
     node: str
     key_id: str
@@ -78,8 +94,14 @@ class MeterBatch:
     record_values: tuple[RecordValues, ...]
     gap: Gap | None
     hash: str
-    document: dict[str, Any]
+    signature: str
     canonical: bytes  # the document's RFC 8785 bytes, which `hash` is the SHA-256 of
+
+    @property
+    def document(self) -> dict[str, Any]:
+        """The signed JSON document, decoded afresh from its canonical bytes."""
+        document: dict[str, Any] = orjson.loads(self.canonical)
+        return document
 
     @property
     def records(self) -> tuple[MeterRecord, ...]:
@@ -202,7 +224,7 @@ def _unsigned_canonical(batch: MeterBatch) -> bytes:
     """The canonical bytes the signature covers. `signature` sorts after every other field
     and its base64 needs no escaping, so they are the signed bytes with that member cut
     off (as `sign_batch_and_hash` spliced it in); anything else is canonicalised afresh."""
-    suffix = b',"signature":"' + str(batch.document["signature"]).encode("utf-8") + b'"}'
+    suffix = b',"signature":"' + batch.signature.encode("utf-8") + b'"}'
     if batch.canonical.endswith(suffix):
         return batch.canonical[: -len(suffix)] + b"}"
     return canonical.canonical_json(_unsigned(batch.document))
@@ -253,7 +275,10 @@ def _record_values(raw: object, node: str, index: int) -> RecordValues:
 
 
 def parse_batch(document: object) -> MeterBatch:
-    """Check a batch's structure and records (not its signature)."""
+    """Check a batch's structure and records (not its signature): a decoded JSON value or
+    a `UsualBatch`."""
+    if isinstance(document, UsualBatch):
+        return _parse_usual(document)
     if not isinstance(document, dict):
         raise errors.EvidenceError("a batch must be a JSON object")
     unknown = document.keys() - _FIELDS
@@ -294,7 +319,7 @@ def parse_batch(document: object) -> MeterBatch:
         record_values=record_values,
         gap=_parse_gap(document.get("gap")),
         hash=canonical.sha256_hex(signed),
-        document=document,
+        signature=document["signature"],
         canonical=signed,
     )
 
@@ -305,8 +330,127 @@ def verify_batch(document: object, public_key: ed25519.Ed25519PublicKey) -> Mete
     expected = signing.key_id(public_key)
     if batch.key_id != expected:
         raise errors.SignatureError(f"batch names key {batch.key_id}, not {expected}")
-    signing.verify(public_key, _unsigned_canonical(batch), batch.document["signature"])
+    signing.verify(public_key, _unsigned_canonical(batch), batch.signature)
     return batch
+
+
+# -- The usual batch, decoded typed -----------------------------------------------------------
+
+# An integer RFC 8785 holds exactly (the general path refuses the others, naming them).
+_SafeInt = Annotated[int, msgspec.Meta(gt=-_MAX_JSON_INTEGER, lt=_MAX_JSON_INTEGER)]
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+# A measurement the agent may leave out (not measured) or send as null.
+_Measured = _SafeInt | _Unset | None
+# Sorted fields: a UsualBatch's values are all plain (canonical.is_plain), so this is RFC 8785.
+_USUAL_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+class UsualRecord(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A meter record as the agent writes it (metering.records): a field it did not measure
+    is left out (UNSET), so the record encodes back to exactly the fields it came with."""
+
+    gpu_uuid: str
+    t0: str
+    t1: str
+    healthy: bool
+    node: str | _Unset = _UNSET
+    xids: list[_SafeInt] | _Unset = _UNSET
+    reasons: list[str] | _Unset = _UNSET
+    utilization_gpu_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] | _Unset | None = _UNSET
+    utilization_memory_pct: _Measured = _UNSET
+    memory_used_bytes: _Measured = _UNSET
+    power_mw: _Measured = _UNSET
+    temperature_c: _Measured = _UNSET
+    energy_mj: Annotated[int, msgspec.Meta(ge=0, lt=_MAX_JSON_INTEGER)] | _Unset | None = _UNSET
+    ecc_corrected: _Measured = _UNSET
+    ecc_uncorrected: _Measured = _UNSET
+    remapped_rows: _Measured = _UNSET
+    pods: list[str] | _Unset = _UNSET
+
+
+class _UsualGap(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    start: str = msgspec.field(name="from")
+    end: str = msgspec.field(name="to")
+    reason: str
+
+
+class UsualBatch(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A batch in the agent's usual shape, as msgspec decodes it (`msgspec.json.decode(raw,
+    type=UsualBatch)`, or as a field of a larger type); anything else fails to decode, and
+    is parsed as plain JSON instead."""
+
+    format: str
+    node: str
+    key_id: str
+    seq: Annotated[int, msgspec.Meta(ge=0, lt=_MAX_JSON_INTEGER)]
+    prev_hash: str | None
+    records: list[UsualRecord]
+    signature: str
+    gap: _UsualGap | _Unset = _UNSET
+
+
+def _parse_usual(wire: UsualBatch) -> MeterBatch:
+    """`parse_batch` of a usual batch: checked here when every check passes, otherwise by
+    the general path over the same JSON value, for its error."""
+    batch = _usual(wire)
+    return parse_batch(msgspec.to_builtins(wire)) if batch is None else batch
+
+
+def _usual(wire: UsualBatch) -> MeterBatch | None:
+    """The checks of `parse_batch` that msgspec's types left; None when one fails."""
+    node, prev_hash = wire.node, wire.prev_hash
+    if wire.format != BATCH_FORMAT or not node or not wire.key_id:
+        return None
+    if (prev_hash is None) != (wire.seq == 0) or not (
+        prev_hash is None
+        or (len(prev_hash) == _HASH_HEX_DIGITS and not prev_hash.strip(_LOWER_HEX))
+    ):
+        return None
+    # A batch's records share a few instants (a round's GPUs, and a t1 is the next t0):
+    # each is parsed once here.
+    instants: dict[str, int] = {}
+    parse_utc = timefmt.parse_utc
+    values: list[RecordValues] = []
+    append = values.append
+    try:
+        for record in wire.records:
+            t0, t1, named_node = record.t0, record.t1, record.node
+            t0_s = instants.get(t0)
+            if t0_s is None:
+                t0_s = instants[t0] = parse_utc(t0, field="t0")
+            t1_s = instants.get(t1)
+            if t1_s is None:
+                t1_s = instants[t1] = parse_utc(t1, field="t1")
+            gpu_uuid = record.gpu_uuid
+            if t1_s <= t0_s or not gpu_uuid or (named_node is not _UNSET and named_node != node):
+                return None
+            utilization, energy = record.utilization_gpu_pct, record.energy_mj
+            append(
+                (
+                    gpu_uuid,
+                    t0_s,
+                    t1_s,
+                    record.healthy,
+                    None if utilization is _UNSET else utilization,
+                    None if energy is _UNSET else energy,
+                )
+            )
+        gap = None if wire.gap is _UNSET else _parse_gap(msgspec.to_builtins(wire.gap))
+    except errors.InputError:
+        return None
+    signed = _USUAL_ENCODER.encode(wire)
+    return MeterBatch(
+        node=node,
+        key_id=wire.key_id,
+        seq=wire.seq,
+        prev_hash=prev_hash,
+        record_values=tuple(values),
+        gap=gap,
+        hash=canonical.sha256_hex(signed),
+        signature=wire.signature,
+        canonical=signed,
+    )
 
 
 def check_link(previous: MeterBatch | None, batch: MeterBatch) -> None:

@@ -15,12 +15,13 @@ import hmac
 import time
 from typing import Annotated, Any
 
+import msgspec
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpudelivery import timefmt
+from gpudelivery import batches, timefmt
 from gpudelivery.api import auth, errors, evidence_log, ingest
 from gpudelivery.api.deps import CurrentPrincipal, SessionDep, StateDep
 from gpudelivery.api.models import MeterKey, TreeHead
@@ -155,21 +156,43 @@ def revoke_key(key_id: str, principal: CurrentPrincipal, session: SessionDep) ->
     return _key_public(key)
 
 
+class _UsualBody(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A request whose batches are all in the agent's usual shape (batches.UsualBatch)."""
+
+    batches: list[batches.UsualBatch]
+
+
+_USUAL_BODY = msgspec.json.Decoder(_UsualBody)
+
+
 async def _read_batches(request: Request) -> list[Any]:
-    """The request's batches, or 400 (docs/ingest.md: errors of the request as a whole)."""
+    """The request's batches, or 400 (docs/ingest.md: errors of the request as a whole).
+
+    A body of usual batches is decoded typed, the rest as plain JSON; ingest gives either
+    the same verdicts (batches.parse_batch)."""
+    body = await request.body()
+    documents: list[Any]
     try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise errors.ApiError(f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict) or set(body) != {"batches"}:
-        raise errors.ApiError('the body must be {"batches": [...]}')
-    documents = body["batches"]
-    if not isinstance(documents, list):
-        raise errors.ApiError('the body must be {"batches": [...]}')
+        documents = _USUAL_BODY.decode(body).batches
+    except msgspec.DecodeError:  # not JSON, or not only usual batches: decoded as plain JSON
+        documents = _plain_batches(body)
     if not 1 <= len(documents) <= ingest.MAX_BATCHES_PER_REQUEST:
         raise errors.ApiError(
             f"a request carries 1 to {ingest.MAX_BATCHES_PER_REQUEST} batches, not {len(documents)}"
         )
+    return documents
+
+
+def _plain_batches(body: bytes) -> list[Any]:
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.ApiError(f"the body is not JSON: {exc}") from exc
+    if not isinstance(decoded, dict) or set(decoded) != {"batches"}:
+        raise errors.ApiError('the body must be {"batches": [...]}')
+    documents = decoded["batches"]
+    if not isinstance(documents, list):
+        raise errors.ApiError('the body must be {"batches": [...]}')
     return documents
 
 
@@ -195,7 +218,7 @@ def ingest_batches(
     results = ingest.ingest(session, documents=documents, now_s=int(time.time()))
     session.commit()
     stored = sum(
-        len(document.get("records") or ())
+        ingest.record_count(document)
         for document, result in zip(documents, results, strict=True)
         if result.status == ingest.BatchStatus.ACCEPTED
     )

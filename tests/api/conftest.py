@@ -55,6 +55,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
+def postgres_engine(postgres_url: str) -> Iterator[Engine]:
+    """An empty, migrated PostgreSQL database alone, for what only PostgreSQL does (its
+    advisory locks between transactions that SQLite's single writer never has open)."""
+    _reset_postgres(postgres_url)
+    migrations.upgrade(postgres_url)
+    engine = db.engine_for(postgres_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     engine = db.engine_for(database_url)
     yield engine

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from gpudelivery import batches, canonical, merkle, signing, timefmt
 from gpudelivery.api import auth
@@ -520,3 +521,42 @@ def test_proofs_of_trees_the_log_never_had_are_refused(
     response = client.get(path)
 
     assert (response.status_code, response.json()) == (status, {"detail": detail})
+
+
+def test_a_batch_outside_the_agents_usual_shape_is_judged_and_stored_the_same(
+    client: TestClient, engine: Engine
+) -> None:
+    """A body holding one batch the typed decoder does not take (a float, an unknown record
+    field) is decoded as plain JSON: the same answers, the same bytes stored."""
+    key = signing.generate()
+    _register(client, key)
+    usual = meters.chain(key, NODE, 1)
+    odd_records = [
+        meters.record(meters.GPU_A, meters.EPOCH + 10, utilization_gpu_pct=97.5),
+        meters.record(meters.GPU_B, meters.EPOCH + 10, firmware="96.00.5E.00.01"),
+    ]
+    odd = batches.sign_batch(
+        key=key, node=NODE, seq=1, prev_hash=batches.batch_hash(usual[0]), records=odd_records
+    )
+    after = batches.sign_batch(
+        key=key,
+        node=NODE,
+        seq=2,
+        prev_hash=batches.batch_hash(odd),
+        records=meters.interval_records(2),
+    )
+
+    assert _statuses(_ship(client, usual)) == [(0, "accepted")]
+    assert _statuses(_ship(client, [odd, after])) == [(1, "accepted"), (2, "accepted")]
+    assert _statuses(_ship(client, [odd, after])) == [(1, "duplicate"), (2, "duplicate")]
+
+    with Session(engine) as session:
+        stored = session.exec(select(MeterBatch).order_by(col(MeterBatch.leaf_index))).all()
+        utilization = session.exec(
+            select(MeterRecordRow.utilization_gpu_pct).where(MeterRecordRow.seq == 1)
+        ).all()
+    assert [row.document for row in stored] == [
+        canonical.canonical_json(document) for document in (*usual, odd, after)
+    ]
+    assert sorted(utilization, key=lambda value: value or 0) == [97, 97.5]
+    assert meters.count(engine, MeterRecordRow) == 6

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, text
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from gpudelivery import proof, signing, timefmt
-from gpudelivery.api import contracts, evidence_log, jobs, ledger, proofs, rollups
+from gpudelivery.api import (
+    contracts,
+    evidence_log,
+    ingest,
+    ingest_store,
+    jobs,
+    ledger,
+    proofs,
+    rollups,
+)
 from gpudelivery.api.models import (
     Assignment,
     Contract,
@@ -23,7 +34,8 @@ from gpudelivery.api.models import (
 )
 from gpudelivery.evidence import MeterRecord
 
-from utils import factories
+from utils import factories, meters
+from utils.polling import poll
 
 KEY = signing.generate()
 NODES = ("gpu-node-1", "gpu-node-2")
@@ -297,3 +309,57 @@ def test_the_job_runner_rolls_up(session: Session) -> None:
     assert runner.stats.runs == {"rollups": 1}
     assert rollups.lag(session) == 0
     assert rollup_rows(session, rollups.MINUTE_S) == 1
+
+
+def test_the_mark_waits_for_records_an_open_ingest_wrote_before_its_lock(
+    postgres_engine: Engine,
+) -> None:
+    """An ingest writes its records before it takes the ingest lock, so a later ingest may
+    commit higher record ids first: the job must not move its mark past the open one's."""
+    engine = postgres_engine
+    later_key = signing.generate()
+    meters.register_in(engine, later_key, "gpu-node-2")
+    read: list[int] = []
+    with Session(engine) as open_ingest:
+        # What api.ingest does before its lock: chains read (the records lock taken shared),
+        # records written; it has not committed.
+        connection = open_ingest.connection()
+        ingest_store.read_chains(connection, key_ids=[], sent=[])
+        with ingest_store.record_writer(connection) as write_records:
+            write_records(
+                [("key-a", 0, "gpu-node-1", GPUS["gpu-node-1"][0], BASE, BASE + 10, True, 97, 1)]
+            )
+        with Session(engine) as later:
+            assert {r.status for r in ingest.ingest(
+                later, documents=meters.chain(later_key, "gpu-node-2", 3), now_s=BASE
+            )} == {"accepted"}  # fmt: skip
+            later.commit()
+
+        def job() -> None:
+            with Session(engine) as session:
+                read.append(rollups.roll_up(session, now_s=BASE))
+                session.commit()
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        poll(lambda: _waiting_for_an_advisory_lock(engine))
+        assert thread.is_alive()
+        assert not read
+        open_ingest.commit()
+    thread.join(timeout=30)
+
+    assert read == [1 + 3 * 2]  # the open ingest's record and the later one's six
+    with Session(engine) as session:
+        assert rollups.lag(session) == 0
+        folded = session.exec(
+            select(func.sum(MeterRollupRow.records)).where(MeterRollupRow.width_s == HOUR)
+        ).one()
+    assert folded == 7
+
+
+def _waiting_for_an_advisory_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        waiting = connection.execute(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        ).scalar_one()
+    return bool(waiting)

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import orjson
 import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -831,3 +833,150 @@ def test_records_are_checked_exactly_as_meter_record_from_json_checks_them(
     else:  # the records pass, the batch as a whole cannot be canonicalised (NaN, say)
         assert outcome[1][0] == "records"
         assert outcome[1][1].startswith("cannot be canonicalised as JSON")
+
+
+# -- the usual batch, decoded typed --------------------------------------------------------
+
+
+def usual(document: object) -> batches.UsualBatch:
+    """`document` as the API decodes a batch in the agent's usual shape."""
+    return msgspec.json.decode(orjson.dumps(document), type=batches.UsualBatch)
+
+
+def agent_like_record(interval: int, gpu: str = GPU_A) -> dict[str, Any]:
+    """A record with every field the agent writes (metering.records)."""
+    return {
+        "gpu_uuid": gpu,
+        "t0": timefmt.format_utc(EPOCH + interval * 10),
+        "t1": timefmt.format_utc(EPOCH + interval * 10 + 10),
+        "healthy": False,
+        "reasons": ["critical XID 79 since the last reset"],
+        "xids": [79],
+        "utilization_gpu_pct": 97,
+        "utilization_memory_pct": 60,
+        "memory_used_bytes": 2**36,
+        "power_mw": 650_000,
+        "energy_mj": 650_000,
+        "temperature_c": 64,
+        "ecc_corrected": 2,
+        "ecc_uncorrected": 0,
+        "remapped_rows": 0,
+        "pods": ["team-a/trainer-0"],
+    }
+
+
+def agent_like_batch(**header: Any) -> dict[str, Any]:
+    return batches.sign_batch(
+        key=KEY,
+        node=NODE,
+        seq=header.get("seq", 1),
+        prev_hash=header.get("prev_hash", batches.batch_hash(CHAIN[0])),
+        records=[agent_like_record(1), {**agent_like_record(1, GPU_B), "node": NODE}],
+        gap=header.get("gap"),
+    )
+
+
+def test_a_usual_batch_parses_to_exactly_what_its_plain_json_parses_to() -> None:
+    document = agent_like_batch()
+    batch = batches.verify_batch(usual(document), KEY.public_key)
+    assert batch == batches.verify_batch(document, KEY.public_key)
+    assert batch.canonical == canonical.canonical_json(document)
+    assert batch.document == document
+    assert batch.record_values[1] == (GPU_B, EPOCH + 10, EPOCH + 20, False, 97, 650_000)
+
+
+def test_a_usual_gap_marker_parses_as_its_plain_json_does() -> None:
+    gap = batches.Gap(EPOCH, EPOCH + 600, "spool full")
+    document = agent_like_batch(gap=gap)
+    batch = batches.verify_batch(usual(document), KEY.public_key)
+    assert batch == batches.verify_batch(document, KEY.public_key)
+    assert batch.gap == gap
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda d: d["records"][0].update(utilization_gpu_pct=97.5), "a float"),
+        (lambda d: d["records"][0].update(firmware="1.2"), "a record field it does not know"),
+        (lambda d: d.update(extra=1), "a batch field it does not know"),
+        (lambda d: d["records"][0].update(power_mw=2**53), "an integer RFC 8785 cannot hold"),
+        (lambda d: d["records"][0].pop("healthy"), "a required field missing"),
+        (lambda d: d["records"][0].update(xids="79"), "a field of another type"),
+    ],
+)
+def test_a_batch_not_in_the_usual_shape_does_not_decode_as_one(change: Any, why: str) -> None:
+    document = agent_like_batch()
+    change(document)
+    with pytest.raises(msgspec.ValidationError):
+        usual(document)
+
+
+# Edits that keep a batch in the usual shape but may break one of parse_batch's checks.
+_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=6
+) | st.sampled_from(["", "gpu-node-7", GPU_A, "2026-03-03T00:00:10Z", "\x00", '"\\', "\u2028"])
+_INSTANT = st.sampled_from(
+    [
+        "2026-03-03T00:00:10Z",
+        "2026-03-03T00:00:20Z",
+        "2026-03-03T00:00:20+00:00",
+        "2026-03-03t00:00:20z",
+        "2026-03-03T01:00:20+01:00",
+        "2026-03-03T00:00:20",
+        "2026-03-03 00:00:20Z",
+        "yesterday",
+    ]
+)
+_INT = st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1) | st.sampled_from([0, 100, 101])
+
+
+@st.composite
+def usual_edits(draw: st.DrawFn) -> dict[str, Any]:
+    document = agent_like_batch()
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        where = draw(st.sampled_from(["header", "record", "drop"]))
+        if where == "header":
+            name = draw(st.sampled_from(["format", "node", "key_id", "prev_hash", "seq"]))
+            document[name] = draw(
+                _INT.filter(lambda n: n >= 0)
+                if name == "seq"
+                else _TEXT | st.none()
+                if name == "prev_hash"
+                else _TEXT
+            )
+        else:
+            record = draw(st.sampled_from(document["records"]))
+            name = draw(st.sampled_from([*sorted(agent_like_record(0)), "node"]))
+            if where == "drop":
+                record.pop(name, None)
+            elif name in ("t0", "t1"):
+                record[name] = draw(_INSTANT)
+            elif name == "healthy":
+                record[name] = draw(st.booleans())
+            elif name in ("xids", "reasons", "pods"):
+                record[name] = draw(st.lists(_INT if name == "xids" else _TEXT, max_size=2))
+            elif name in ("gpu_uuid", "node"):
+                record[name] = draw(_TEXT)
+            else:
+                record[name] = draw(_INT | st.none())
+    if draw(st.booleans()):  # signed as edited, so the verdict is the checks', not "forged"
+        unsigned = {name: value for name, value in document.items() if name != "signature"}
+        document["signature"] = KEY.sign(canonical.canonical_json(unsigned))
+    return document
+
+
+@settings(max_examples=400)
+@given(usual_edits())
+def test_a_usual_batch_gets_the_verdict_its_plain_json_gets(document: dict[str, Any]) -> None:
+    try:
+        typed = usual(document)
+    except msgspec.ValidationError:
+        return  # the plain path alone takes it
+
+    def verdict(candidate: object) -> tuple[str, Any]:
+        try:
+            return ("ok", batches.verify_batch(candidate, KEY.public_key))
+        except errors.GpuDeliveryError as exc:
+            return (type(exc).__name__, str(exc))
+
+    assert verdict(typed) == verdict(document)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+import orjson
 import pytest
 import rfc8785
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpudelivery import canonical
+from gpudelivery import batches, canonical
 from gpudelivery.metering.readings import GpuReading
 from gpudelivery.metering.records import GpuRecorder
 
@@ -194,3 +196,21 @@ def test_records_are_plain_json_so_the_spool_may_sign_them_unchecked(
             produced.append(record)
     assert canonical.is_plain(produced)
     assert canonical.canonical_json(produced, assume_plain=True) == rfc8785.dumps(produced)
+
+
+def test_every_record_the_recorder_writes_is_in_the_shape_the_api_decodes_fastest() -> None:
+    """The API decodes batches of these records typed (batches.UsualRecord); a field added
+    here and not there would send every batch down its slower plain-JSON path."""
+    meter = recorder()
+    meter.record(reading(0))
+    meter.observe_xid(79)
+    written = [
+        meter.record(reading(1, remap_pending=True), pods=["a/x"]),
+        meter.record(reading(2, error="GPU is lost")),
+        meter.record(reading(3, energy_mj=None, power_mw=None)),
+    ]
+    for record in written:
+        assert record is not None
+        typed = msgspec.json.decode(orjson.dumps(record), type=batches.UsualRecord)
+        assert msgspec.to_builtins(typed) == record
+    assert set().union(*written) == set(batches.UsualRecord.__struct_fields__) - {"node"}
