@@ -7,8 +7,9 @@ each, post requests of one node's consecutive batches to the real API, served by
 `gpudelivery api serve --workers 2` (uvicorn, processes of their own, periodic jobs off) on a
 local port; every answer must accept every batch. Two workers, one per core here, as a
 provider serves it on PostgreSQL: verifying and parsing is Python, one core per process
-(`--workers 1` measures a single one). The kernel hands each client's connection to either
-worker, so a run may find both on one; best-of takes the run that did not. The floor is a
+(`--workers 1` measures a single one). The kernel hands each connection to either worker, so
+two kept-alive connections share one in half the runs; each client's is placed on a worker
+of its own (`spread_clients`), as a fleet's many connections spread. The floor is a
 raw `COPY meter_records FROM STDIN` of exactly the rows the ingest stored, in halves from 2
 connections at once, into the same table emptied first. Both are wall-clock throughput in
 GPU-samples per second; each repetition empties the tables and runs them all, and each keeps
@@ -258,6 +259,16 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(int(child) for child in children)]
 
 
+def api_workers(pid: int) -> list[int]:
+    """The processes serving requests: uvicorn's worker processes, or the command itself."""
+    workers = [
+        child
+        for child in process_tree(pid)[1:]
+        if b"multiprocessing-fork" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+    return workers or [pid]
+
+
 @contextlib.contextmanager
 def served_api(database_url: str, workdir: Path, workers: int) -> Iterator[tuple[str, int]]:
     """The API served by `gpudelivery api serve --workers N` in processes of their own:
@@ -288,10 +299,52 @@ def served_api(database_url: str, workdir: Path, workers: int) -> Iterator[tuple
             server.wait(timeout=30)
 
 
-def _post_all(base: str, bodies: Sequence[bytes], start: threading.Barrier) -> None:
-    headers = {"content-type": "application/json"}
-    with httpx.Client(base_url=base, timeout=300, headers=headers) as client:
-        client.get("/healthz")  # connected before the clock starts
+def _connect(base: str) -> tuple[httpx.Client, int]:
+    """A client with its connection open (kept alive from request to request), and the
+    local port it connected from."""
+    client = httpx.Client(base_url=base, timeout=300, headers={"content-type": "application/json"})
+    response = client.get("/healthz")
+    host_port = response.extensions["network_stream"].get_extra_info("client_addr")
+    return client, int(host_port[1])
+
+
+def _worker_of(client_port: int, workers: Sequence[int]) -> int | None:
+    """The worker process holding the server end of the connection from `client_port`:
+    the socket's inode in /proc/net/tcp, then the worker with a descriptor on it."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == client_port:  # remote end: the client
+            inode = fields[9]
+    for pid in workers:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+    return None
+
+
+def spread_clients(base: str, count: int, workers: Sequence[int]) -> list[httpx.Client]:
+    """`count` connected clients, each on a worker of its own while there are workers
+    enough: a provider's fleet spreads many agents' connections over the workers, where
+    two kept-alive connections share one worker in half the runs (the kernel's draw)."""
+    clients: list[httpx.Client] = []
+    taken: set[int | None] = set()
+    for _ in range(count):
+        for _attempt in range(50):
+            client, port = _connect(base)
+            worker = _worker_of(port, workers)
+            if worker not in taken or len(taken) >= len(workers) or worker is None:
+                break
+            client.close()
+        clients.append(client)
+        taken.add(worker)
+    return clients
+
+
+def _post_all(client: httpx.Client, bodies: Sequence[bytes], start: threading.Barrier) -> None:
+    try:
         start.wait()
         for body in bodies:
             response = client.post("/v1/meter/batches", content=body)
@@ -300,6 +353,8 @@ def _post_all(base: str, bodies: Sequence[bytes], start: threading.Barrier) -> N
             refused = [r for r in response.json()["results"] if r["status"] != "accepted"]
             if refused:
                 raise SystemExit(f"ingest did not accept a batch: {refused[0]}")
+    finally:
+        client.close()
 
 
 def _copy_rows(
@@ -387,8 +442,12 @@ def bench_ingest(
                 empty_evidence(database_url)
                 api_before = {p: cpu_seconds(p) for p in process_tree(pid)}
                 db_before = backends_cpu(database_url)
+                connected = spread_clients(base, len(clients), api_workers(pid))
                 wall = in_parallel(
-                    [functools.partial(_post_all, base, bodies) for bodies in clients]
+                    [
+                        functools.partial(_post_all, client, bodies)
+                        for client, bodies in zip(connected, clients, strict=True)
+                    ]
                 )
                 if wall < best[n]:
                     best[n] = wall
