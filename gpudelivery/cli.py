@@ -46,6 +46,10 @@ api_app = typer.Typer(
 app.add_typer(api_app, name="api")
 api_keys_app = typer.Typer(help="API keys of the API's principals.", no_args_is_help=True)
 api_app.add_typer(api_keys_app, name="keys")
+operator_app = typer.Typer(
+    help="The delivery operator (GPUDELIVERY_OPERATOR_*).", no_args_is_help=True
+)
+app.add_typer(operator_app, name="operator")
 
 _err = Console(stderr=True, highlight=False)
 
@@ -294,6 +298,27 @@ def _api_settings() -> Any:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         _fail(f"GPUDELIVERY_API_{where.upper()}: {first['msg']}")
+
+
+@operator_app.command("run")
+def operator_run() -> None:
+    """Run the delivery operator against the cluster (configured by GPUDELIVERY_OPERATOR_*
+    variables; see the README): books ComputeContracts on DeliveryPools."""
+    import logging
+
+    import pydantic
+
+    from gpudelivery.operator import runner
+    from gpudelivery.operator.settings import OperatorSettings
+
+    try:
+        settings = OperatorSettings()
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = "__".join(str(part) for part in first["loc"]) or "settings"
+        _fail(f"GPUDELIVERY_OPERATOR_{where.upper()}: {first['msg']}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    runner.run(settings)
 
 
 @api_app.command("migrate")

@@ -1,0 +1,154 @@
+"""The operator's kopf handlers: what it does when its resources appear or change.
+
+`register` puts the handlers on a kopf registry (a fresh one per operator, so tests can run
+several), each a thin wrapper that reads what it needs through `cluster.Cluster`, decides
+with a plain function and writes the status last, as the reconcile contract asks.
+
+Booking: a new ComputeContract (or one found without a phase when the operator resumes) is
+booked or rejected (operator/booking.py). Decisions are taken one at a time under a lock
+and the status is written before the lock is released, so two contracts created at once are
+never both fitted into the same room. A booked contract keeps its phase: booking it again
+after a restart changes nothing.
+
+Pools: each DeliveryPool's status says how many nodes its selector matches and how many of
+them contracts may hold, refreshed on a timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from gpudelivery import errors, timefmt
+from gpudelivery.operator import booking, cluster, resources
+from gpudelivery.operator.settings import OperatorSettings
+
+__all__ = ["Runtime", "register"]
+
+# Event reasons the operator posts on its resources.
+EVENT_BOOKED = "Booked"
+EVENT_REJECTED = "Rejected"
+
+
+@dataclass
+class Runtime:
+    """What the handlers share (kopf's `memo`): the cluster, the settings, the clock and the
+    lock that makes booking decisions one at a time."""
+
+    cluster: cluster.Cluster
+    settings: OperatorSettings
+    connection: kopf.ConnectionInfo
+    clock: Callable[[], float] = time.time
+    booking_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    """Put the operator's handlers on `registry`, timed by `settings`."""
+    kopf.on.login(registry=registry)(_login)
+    kopf.on.startup(registry=registry)(_configure)
+    for decorator in (kopf.on.create, kopf.on.resume):
+        decorator(
+            resources.GROUP, resources.VERSION, resources.CONTRACTS, registry=registry, id="book"
+        )(book)
+    kopf.timer(
+        resources.GROUP,
+        resources.VERSION,
+        resources.POOLS,
+        registry=registry,
+        interval=settings.timing.reconcile_interval_s,
+        id="pool-status",
+    )(refresh_pool)
+
+
+def _login(memo: Runtime, **_: Any) -> kopf.ConnectionInfo:
+    return memo.connection
+
+
+def _configure(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> None:
+    settings.posting.level = logging.INFO
+    settings.persistence.finalizer = "gpudelivery.io/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gpudelivery.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="gpudelivery.io", key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 300
+
+
+def book(body: kopf.Body, name: str, memo: Runtime, logger: kopf.Logger, **_: Any) -> None:
+    """Book a new contract or reject it; a contract that has a phase is left as it is."""
+    if body.get("status", {}).get("phase"):
+        return
+    with memo.booking_lock:
+        decision = _decide(memo, name, body)
+        now = timefmt.format_utc(int(memo.clock()))
+        memo.cluster.patch_contract_status(
+            name,
+            {
+                "phase": decision.phase.value,
+                "reason": decision.reason,
+                "pool": decision.pool,
+                "nodesNeeded": decision.nodes,
+                "transitions": [
+                    {"phase": decision.phase.value, "at": now, "reason": decision.reason}
+                ],
+            },
+        )
+    if decision.phase == resources.Phase.BOOKED:
+        kopf.info(body, reason=EVENT_BOOKED, message=decision.reason)
+        logger.info("contract %s: %s", name, decision.reason)
+    else:
+        kopf.warn(body, reason=EVENT_REJECTED, message=decision.reason)
+        logger.warning("contract %s rejected: %s", name, decision.reason)
+
+
+def _decide(memo: Runtime, name: str, body: Mapping[str, Any]) -> booking.Decision:
+    try:
+        contract_terms = resources.terms_from_body(body)
+    except errors.TermsError as exc:
+        return booking.Decision(resources.Phase.REJECTED, f"invalid terms: {exc}")
+    pools, capacity = [], {}
+    for pool_body in memo.cluster.pools():
+        try:
+            pool = resources.pool_from_body(pool_body)
+        except errors.InputError:
+            continue  # the pool's own handler reports it
+        nodes = memo.cluster.nodes(pool.node_selector)
+        pools.append(pool)
+        capacity[pool.name] = booking.capacity_nodes(
+            pool, matching=len(nodes), quarantined=cluster.quarantined(nodes)
+        )
+    others = []
+    for other in memo.cluster.contracts():
+        other_name = other.get("metadata", {}).get("name")
+        phase = other.get("status", {}).get("phase")
+        if other_name == name or phase is None:
+            continue
+        try:
+            other_terms = resources.terms_from_body(other)
+            other_phase = resources.Phase(phase)
+        except (errors.TermsError, ValueError):
+            continue
+        others.append(booking.Contract(other_name, other_terms, other_phase))
+    contract = booking.Contract(name, contract_terms, None)
+    return booking.decide(
+        contract, pools=pools, others=others, capacity=capacity, now_s=int(memo.clock())
+    )
+
+
+def refresh_pool(body: kopf.Body, name: str, memo: Runtime, **_: Any) -> None:
+    """Write how many nodes the pool has, and how many contracts may hold."""
+    try:
+        pool = resources.pool_from_body(body)
+    except errors.InputError as exc:
+        raise kopf.PermanentError(f"invalid DeliveryPool: {exc}") from exc
+    nodes = memo.cluster.nodes(pool.node_selector)
+    bookable = booking.capacity_nodes(
+        pool, matching=len(nodes), quarantined=cluster.quarantined(nodes)
+    )
+    memo.cluster.patch_pool_status(name, {"nodes": len(nodes), "bookableNodes": bookable})

@@ -1,0 +1,104 @@
+"""Configuration of the delivery operator: environment variables under GPUDELIVERY_OPERATOR_.
+
+Grouped like kopf's OperatorSettings; a nested field is set with a double underscore, e.g.
+`GPUDELIVERY_OPERATOR_API__URL=https://api.gpu.example`. Only this module reads the
+environment; the operator applies the kopf part to kopf's own settings at startup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, HttpUrl
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ApiSettings",
+    "OperatorSettings",
+    "PeeringSettings",
+    "TimingSettings",
+    "WebhookSettings",
+]
+
+
+class ApiSettings(BaseModel):
+    url: HttpUrl | None = Field(
+        default=None,
+        description="Base URL of the gpudelivery API; unset: contracts come only from the "
+        "cluster and the ledger stays in their status.",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding an API key of role `operator` (a mounted Secret).",
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="HTTP timeout.")
+    sync_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="Seconds between mirrorings of the API's contracts, and between reports "
+        "of a ledger the API has not acknowledged.",
+    )
+
+
+class PeeringSettings(BaseModel):
+    name: str = Field(
+        default="gpudelivery",
+        min_length=1,
+        description="The kopf peering object the replicas share: one of them is active.",
+    )
+    standalone: bool = Field(
+        default=False, description="Run without peering (a single replica, or development)."
+    )
+
+
+class TimingSettings(BaseModel):
+    reconcile_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Seconds between reconciliations of a live contract: how late a window "
+        "edge or a failed node is noticed at most.",
+    )
+    not_ready_after_s: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="A node NotReady for longer than this is substituted.",
+    )
+
+
+class WebhookSettings(BaseModel):
+    enabled: bool = Field(
+        default=True,
+        description="Serve the mutating admission webhook that pins buyers' pods to their "
+        "contract's nodes.",
+    )
+    host: str = Field(default="0.0.0.0", description="Address the webhook server listens on.")
+    port: int = Field(default=9443, ge=1, le=65535, description="Its port.")
+    cert_file: Path | None = Field(
+        default=None, description="TLS certificate (a mounted Secret); unset: self-signed."
+    )
+    key_file: Path | None = Field(default=None, description="The certificate's private key.")
+    service_host: str | None = Field(
+        default=None,
+        description="The host name the API server reaches the webhook at (its Service).",
+    )
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the delivery operator can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUDELIVERY_OPERATOR_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    api: ApiSettings = ApiSettings()
+    peering: PeeringSettings = PeeringSettings()
+    timing: TimingSettings = TimingSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="Kubeconfig file to reach the API server; unset: the pod's service "
+        "account (in-cluster), else ~/.kube/config.",
+    )
