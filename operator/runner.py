@@ -8,6 +8,7 @@ that one of them is active (high availability); `peering.standalone` runs one al
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,10 @@ import kubernetes
 from gpudelivery.operator import cluster, handlers
 from gpudelivery.operator.settings import OperatorSettings
 
-__all__ = ["run", "serve"]
+__all__ = ["USER_AGENT", "run", "serve"]
+
+# How the operator's own calls name themselves to the API server (kopf's say kopf/<version>).
+USER_AGENT = f"gpudelivery-operator/{importlib.metadata.version('gpudelivery')}"
 
 
 async def serve(
@@ -31,6 +35,7 @@ async def serve(
     """Run the operator until `stop_flag` is set (or forever)."""
     config = cluster.configuration(settings.kubeconfig)
     api_client = kubernetes.client.ApiClient(config)
+    api_client.user_agent = USER_AGENT
     runtime = handlers.Runtime(
         cluster=cluster.Cluster(api_client),
         settings=settings,

@@ -138,7 +138,8 @@ class ClusterEmulator(store.ObjectStore):
     fallbacks serve their outcome."""
 
     _outcomes: dict[rendering.Request, tuple[int, Any]] = attrs.field(factory=dict, init=False)
-    _accesses: set[routes.Access] = attrs.field(factory=set, init=False)
+    # Each access, with the User-Agents of the clients that made it.
+    _accesses: dict[routes.Access, set[str]] = attrs.field(factory=dict, init=False)
     _tokens: dict[str, tokens.IssuedToken] = attrs.field(factory=dict, init=False)
     _builtin_reactions: int = attrs.field(default=0, init=False)
     # The test thread reads what the server's thread writes.
@@ -154,6 +155,16 @@ class ClusterEmulator(store.ObjectStore):
         """Every (verb, group, resource[/subresource]) requested so far."""
         with self._records_lock:
             return frozenset(self._accesses)
+
+    def accesses_by(self, *agents: str) -> frozenset[routes.Access]:
+        """The accesses made by clients whose User-Agent starts with one of `agents` (the
+        operator's, as against a test's own setup calls)."""
+        with self._records_lock:
+            return frozenset(
+                access
+                for access, seen in self._accesses.items()
+                if any(agent.startswith(agents) for agent in seen)
+            )
 
     @property
     def issued_tokens(self) -> dict[str, tokens.IssuedToken]:
@@ -181,8 +192,9 @@ class ClusterEmulator(store.ObjectStore):
             resource = request.resource.plural
             if request.subresource:
                 resource = f"{resource}/{request.subresource}"
+            access = routes.Access(verb, request.resource.group or "", resource)
             with self._records_lock:
-                self._accesses.add(routes.Access(verb, request.resource.group or "", resource))
+                self._accesses.setdefault(access, set()).add(request.headers.get("User-Agent", ""))
             if verb not in ("get", "list", "watch"):
                 async with self._log.changed:
                     self._outcomes[request] = self._write(verb, request)

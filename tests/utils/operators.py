@@ -51,12 +51,15 @@ def cluster_at(directory: Path) -> Iterator[Cluster]:
 
 @contextlib.contextmanager
 def running_operator(
-    cluster: Cluster, *, clock: Callable[[], float] = lambda: NOW
+    cluster: Cluster, *, clock: Callable[[], float] = lambda: NOW, peering: str | None = None
 ) -> Iterator[None]:
-    """The operator, standalone, against `cluster` until the block ends."""
+    """The operator against `cluster` until the block ends: standalone, or sharing the
+    peering object `peering` (which must exist), as the chart runs it."""
     settings = OperatorSettings(
         kubeconfig=cluster.kubeconfig,
-        peering=PeeringSettings(standalone=True),
+        peering=PeeringSettings(standalone=True)
+        if peering is None
+        else PeeringSettings(name=peering, standalone=False),
         timing=TimingSettings(reconcile_interval_s=1.0),
     )
     stop, ready = threading.Event(), threading.Event()
