@@ -62,6 +62,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_accounting.py
 	$(BIN)/python bench/bench_metering.py
 	$(BIN)/python bench/bench_api.py
+	$(BIN)/python bench/bench_operator.py
 
 # The simulated NVIDIA driver (metering/nvml-sim/README.md); the tests build it themselves.
 nvml-sim:
