@@ -27,8 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rich.console import Console
-from rich.table import Table
+import report
 
 from gpudelivery import accounting
 from gpudelivery.evidence import Assignment, MeterRecord
@@ -172,13 +171,7 @@ def main() -> None:
         ),
         "delivered_gpu_seconds": account["delivered"],
     }
-    table = Table(title=f"accounting: {gpus} GPUs x {days} days, 1 record/GPU/minute")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in figures.items():
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
-    print(json.dumps(figures))
+    report.print_figures(f"accounting: {gpus} GPUs x {days} days, 1 record/GPU/minute", figures)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,8 @@ from typing import Any
 import httpx
 import orjson
 import psycopg
+import report
 from psycopg import sql
-from rich.console import Console
-from rich.table import Table
 from sqlmodel import Session
 
 from gpudelivery import batches, merkle, signing, timefmt
@@ -889,13 +888,7 @@ def main() -> None:
         "proofs": f"proofs best of {options.proof_repeats}, {options.days} days, "
         f"a record per GPU every {options.record_s} s",
     }
-    table = Table(title="api on PostgreSQL: " + "; ".join(titles[part] for part in parts))
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in figures.items():
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
-    print(json.dumps(figures))
+    report.print_figures("api on PostgreSQL: " + "; ".join(titles[part] for part in parts), figures)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM = ROOT / "metering" / "nvml-sim"
@@ -160,16 +159,12 @@ def main() -> None:
         "node_load_share_of_one_core_pct": round(share * 100, 3),
         "node_load_wall_s": round(wall, 1),
     }
-    table = Table(
-        title=f"metering: {gpus} simulated H100s, best of {repeats} x {rounds} rounds; "
-        f"agent at 1 Hz for {load_s} s"
+    report.print_figures(
+        f"metering: {gpus} simulated H100s, best of {repeats} x {rounds} rounds; "
+        f"agent at 1 Hz for {load_s} s",
+        figures,
+        thousands=False,
     )
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in figures.items():
-        table.add_row(name, str(value))
-    Console().print(table)
-    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+import report
 
 from gpudelivery.operator import placement
 
@@ -161,13 +159,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer small instances")
     options = parser.parse_args()
     figures = bench_small(200 if options.quick else SMALL_INSTANCES) | bench_full()
-    table = Table(title="operator: placement quality")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for name, value in figures.items():
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
-    print(json.dumps(figures))
+    report.print_figures("operator: placement quality", figures)
 
 
 if __name__ == "__main__":
