@@ -11,7 +11,7 @@ Not here: decisions (operator/booking.py, operator/placement.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,7 +20,7 @@ import kubernetes
 
 from gpudelivery.operator import resources
 
-__all__ = ["Cluster", "configuration", "connection_info", "quarantined"]
+__all__ = ["Cluster", "configuration", "connection_info"]
 
 
 def configuration(kubeconfig: Path | None) -> kubernetes.client.Configuration:
@@ -67,6 +67,7 @@ class Cluster:
     """Reads and writes of the operator's resources and of nodes."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self._api_client = api_client
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
         self._core = kubernetes.client.CoreV1Api(api_client)
 
@@ -80,10 +81,13 @@ class Cluster:
         answer = self._custom.list_cluster_custom_object(resources.GROUP, resources.VERSION, plural)
         return list(cast(Mapping[str, Any], answer).get("items", []))
 
-    def nodes(self, selector: Mapping[str, str]) -> list[Any]:
-        """The nodes carrying every label of `selector`."""
+    def nodes(self, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The nodes carrying every label of `selector`, as the API serves them (JSON, which
+        operator/nodes.py reads)."""
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
-        return list(self._core.list_node(label_selector=label_selector).items)
+        found = self._core.list_node(label_selector=label_selector).items
+        serialize = self._api_client.sanitize_for_serialization
+        return [cast(dict[str, Any], serialize(node)) for node in found]  # type: ignore[no-untyped-call]
 
     def patch_contract_status(self, name: str, status: Mapping[str, Any]) -> None:
         """Merge `status` into the ComputeContract's status (its status subresource)."""
@@ -95,15 +99,3 @@ class Cluster:
         self._custom.patch_cluster_custom_object_status(
             resources.GROUP, resources.VERSION, resources.POOLS, name, {"status": status}
         )
-
-
-def quarantined(nodes: Sequence[Any]) -> int:
-    """How many of `nodes` carry the quarantine taint."""
-    return sum(
-        1
-        for node in nodes
-        if any(
-            taint.key == resources.TAINT_QUARANTINE
-            for taint in ((node.spec.taints if node.spec is not None else None) or ())
-        )
-    )

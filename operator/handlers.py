@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from gpudelivery import errors, timefmt
-from gpudelivery.operator import booking, cluster, resources
+from gpudelivery.operator import booking, cluster, nodes, resources
 from gpudelivery.operator.settings import OperatorSettings
 
 __all__ = ["Runtime", "register"]
@@ -118,11 +118,8 @@ def _decide(memo: Runtime, name: str, body: Mapping[str, Any]) -> booking.Decisi
             pool = resources.pool_from_body(pool_body)
         except errors.InputError:
             continue  # the pool's own handler reports it
-        nodes = memo.cluster.nodes(pool.node_selector)
         pools.append(pool)
-        capacity[pool.name] = booking.capacity_nodes(
-            pool, matching=len(nodes), quarantined=cluster.quarantined(nodes)
-        )
+        capacity[pool.name] = _capacity(memo, pool)[1]
     others = []
     for other in memo.cluster.contracts():
         other_name = other.get("metadata", {}).get("name")
@@ -147,8 +144,12 @@ def refresh_pool(body: kopf.Body, name: str, memo: Runtime, **_: Any) -> None:
         pool = resources.pool_from_body(body)
     except errors.InputError as exc:
         raise kopf.PermanentError(f"invalid DeliveryPool: {exc}") from exc
-    nodes = memo.cluster.nodes(pool.node_selector)
-    bookable = booking.capacity_nodes(
-        pool, matching=len(nodes), quarantined=cluster.quarantined(nodes)
-    )
-    memo.cluster.patch_pool_status(name, {"nodes": len(nodes), "bookableNodes": bookable})
+    matching, bookable = _capacity(memo, pool)
+    memo.cluster.patch_pool_status(name, {"nodes": matching, "bookableNodes": bookable})
+
+
+def _capacity(memo: Runtime, pool: resources.Pool) -> tuple[int, int]:
+    """How many nodes the pool's selector matches, and how many contracts may hold."""
+    found = memo.cluster.nodes(pool.node_selector)
+    quarantined = sum(1 for node in found if nodes.is_quarantined(node))
+    return len(found), booking.capacity_nodes(pool, matching=len(found), quarantined=quarantined)

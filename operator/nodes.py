@@ -23,7 +23,7 @@ from typing import Any
 
 from gpudelivery.operator import actions, claims, resources
 
-__all__ = ["ANNOTATION_GPU_UUIDS", "CONDITION_GPU_HEALTHY", "facts", "patch"]
+__all__ = ["ANNOTATION_GPU_UUIDS", "CONDITION_GPU_HEALTHY", "facts", "is_quarantined", "patch"]
 
 # The node annotation listing the node's GPU UUIDs (set by the metering agent).
 ANNOTATION_GPU_UUIDS = "gpudelivery.io/gpu-uuids"
@@ -55,7 +55,7 @@ def facts(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> claims.
         ready_since_s=_epoch_s(ready.get("lastTransitionTime")),
         gpu_healthy={"True": True, "False": False}.get(str(healthy)),
         unschedulable=bool(spec.get("unschedulable")),
-        quarantined=any(t.get("key") == resources.TAINT_QUARANTINE for t in taints),
+        quarantined=is_quarantined(node),
         claimed_by=annotations.get(claims.ANNOTATION_CLAIMED_BY),
         contract_label=labels.get(resources.LABEL_CONTRACT),
         contract_taint=next(
@@ -64,6 +64,12 @@ def facts(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> claims.
         gpu_uuids=tuple(sorted(uuid for uuid in uuids.split(",") if uuid)),
         pods=tuple(sorted((_pod(pod) for pod in pods), key=lambda p: (p.namespace, p.name))),
     )
+
+
+def is_quarantined(node: Mapping[str, Any]) -> bool:
+    """Whether `node` carries the quarantine taint (held for repair)."""
+    taints = (node.get("spec") or {}).get("taints") or []
+    return any(taint.get("key") == resources.TAINT_QUARANTINE for taint in taints)
 
 
 def _pod(pod: Mapping[str, Any]) -> claims.Pod:
