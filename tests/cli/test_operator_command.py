@@ -11,27 +11,16 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from gpudelivery import terms
 from gpudelivery.cli import app
-from gpudelivery.operator import resources
 
-from utils.factories import terms_json
-from utils.operators import cluster_at
+from utils.operators import add_contract, add_nodes, add_pool, cluster_at, contract_status
 from utils.polling import poll
 
 
 def test_the_operator_command_books_contracts_until_it_is_stopped(tmp_path: Path) -> None:
     with cluster_at(tmp_path) as cluster:
-        group, version = resources.GROUP, resources.VERSION
-        cluster.custom.create_cluster_custom_object(
-            group,
-            version,
-            resources.POOLS,
-            {"metadata": {"name": "h100"}, "spec": {"instrument": "H100-SXM-80GB"}},
-        )
-        cluster.core.create_node(
-            {"metadata": {"name": "gpu-0", "labels": {"nvidia.com/gpu.product": "H100-SXM-80GB"}}}
-        )
+        add_pool(cluster)
+        add_nodes(cluster, 1)
         environment = {
             **os.environ,
             "GPUDELIVERY_OPERATOR_KUBECONFIG": str(cluster.kubeconfig),
@@ -42,16 +31,10 @@ def test_the_operator_command_books_contracts_until_it_is_stopped(tmp_path: Path
             command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         try:
-            body = resources.contract_body(
-                terms.parse_terms(terms_json(end="2099-01-01T00:00:00Z"))
-            )
-            cluster.custom.create_cluster_custom_object(group, version, resources.CONTRACTS, body)
+            name = add_contract(cluster, end="2099-01-01T00:00:00Z")
 
             def phase() -> str | None:
-                found = cluster.custom.get_cluster_custom_object(
-                    group, version, resources.CONTRACTS, body["metadata"]["name"]
-                )
-                return found.get("status", {}).get("phase")
+                return contract_status(cluster, name).get("phase")
 
             poll(lambda: phase() is not None or process.poll() is not None)
             assert phase() == "Booked"

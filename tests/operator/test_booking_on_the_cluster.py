@@ -10,53 +10,31 @@ from gpudelivery import terms, timefmt
 from gpudelivery.operator import resources
 
 from utils.factories import EPOCH, terms_json
-from utils.operators import NOW, Cluster, running_operator
+from utils.operators import (
+    NOW,
+    PRODUCT,
+    Cluster,
+    add_contract,
+    add_nodes,
+    add_pool,
+    contract_status,
+    running_operator,
+)
 from utils.polling import poll
 
 GROUP, VERSION = resources.GROUP, resources.VERSION
-PRODUCT = {"nvidia.com/gpu.product": "H100-SXM-80GB"}
 HOUR = 3_600
 
 
-def add_pool(cluster: Cluster, **spec: Any) -> None:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DeliveryPool",
-        "metadata": {"name": "h100"},
-        "spec": {"instrument": "H100-SXM-80GB", "spares": 1, **spec},
-    }
-    cluster.custom.create_cluster_custom_object(GROUP, VERSION, resources.POOLS, body)
-
-
-def add_nodes(cluster: Cluster, count: int, labels: dict[str, str], prefix: str = "gpu") -> None:
-    for number in range(count):
-        cluster.core.create_node(
-            {"metadata": {"name": f"{prefix}-{number}", "labels": labels}, "spec": {}}
-        )
-
-
-def add_contract(cluster: Cluster, contract_id: str, gpus: int, **fields: Any) -> str:
-    document = terms_json(contract_id=contract_id, gpu_count=gpus, **fields)
-    body = resources.contract_body(terms.parse_terms(document))
-    cluster.custom.create_cluster_custom_object(GROUP, VERSION, resources.CONTRACTS, body)
-    return str(body["metadata"]["name"])
-
-
-def status(cluster: Cluster, name: str) -> dict[str, Any]:
-    body = cluster.custom.get_cluster_custom_object(GROUP, VERSION, resources.CONTRACTS, name)
-    found: dict[str, Any] = body.get("status", {})
-    return found
-
-
 def decided(cluster: Cluster, name: str) -> dict[str, Any]:
-    poll(lambda: "phase" in status(cluster, name))
-    return status(cluster, name)
+    poll(lambda: "phase" in contract_status(cluster, name))
+    return contract_status(cluster, name)
 
 
 def test_contracts_are_booked_until_the_pool_is_full_and_then_rejected_naming_why(
     cluster: Cluster,
 ) -> None:
-    add_pool(cluster)
+    add_pool(cluster, spares=1)
     add_nodes(cluster, 4, PRODUCT)
     add_nodes(cluster, 2, {"nvidia.com/gpu.product": "A100"}, prefix="other")
     with running_operator(cluster):
@@ -88,7 +66,7 @@ def test_contracts_are_booked_until_the_pool_is_full_and_then_rejected_naming_wh
 
 
 def test_contracts_created_together_are_decided_one_at_a_time(cluster: Cluster) -> None:
-    add_pool(cluster)
+    add_pool(cluster, spares=1)
     add_nodes(cluster, 4, PRODUCT)  # 3 bookable: one is a spare
     names = [add_contract(cluster, f"EX-{number}", 8) for number in range(6)]
     with running_operator(cluster):
@@ -114,7 +92,7 @@ def test_quarantined_nodes_are_not_booked_against(cluster: Cluster) -> None:
 
 
 def test_a_restarted_operator_leaves_decided_contracts_as_they_are(cluster: Cluster) -> None:
-    add_pool(cluster)
+    add_pool(cluster, spares=1)
     add_nodes(cluster, 2, PRODUCT)  # 1 bookable
     with running_operator(cluster):
         booked = decided(cluster, add_contract(cluster, "EX-1", 8))
@@ -125,11 +103,11 @@ def test_a_restarted_operator_leaves_decided_contracts_as_they_are(cluster: Clus
         later = decided(cluster, add_contract(cluster, "EX-3", 8))
         assert later["phase"] == "Booked"
         names = [resources.resource_name(f"EX-{number}") for number in (1, 2)]
-        assert [status(cluster, name) for name in names] == [booked, rejected]
+        assert [contract_status(cluster, name) for name in names] == [booked, rejected]
 
 
 def test_a_contract_with_invalid_terms_is_rejected_naming_the_field(cluster: Cluster) -> None:
-    add_pool(cluster)
+    add_pool(cluster, spares=1)
     add_nodes(cluster, 2, PRODUCT)
     body = resources.contract_body(terms.parse_terms(terms_json(contract_id="EX-1")))
     body["spec"]["end"] = timefmt.format_utc(EPOCH - HOUR)

@@ -10,11 +10,16 @@ from typing import Any
 
 import yaml
 
-from gpudelivery import terms
 from gpudelivery.operator import resources, runner
 
-from utils.factories import terms_json
-from utils.operators import Cluster, running_operator
+from utils.operators import (
+    Cluster,
+    add_contract,
+    add_nodes,
+    add_pool,
+    contract_status,
+    running_operator,
+)
 from utils.polling import poll
 from utils.routes import Access
 
@@ -49,28 +54,12 @@ def run_the_scenarios(cluster: Cluster) -> None:
     cluster.custom.create_cluster_custom_object(
         "kopf.dev", "v1", "clusterkopfpeerings", {"metadata": {"name": "gpudelivery"}}
     )
-    cluster.custom.create_cluster_custom_object(
-        GROUP,
-        VERSION,
-        resources.POOLS,
-        {"metadata": {"name": "h100"}, "spec": {"instrument": "H100-SXM-80GB"}},
-    )
-    cluster.core.create_node(
-        {"metadata": {"name": "gpu-0", "labels": {"nvidia.com/gpu.product": "H100-SXM-80GB"}}}
-    )
-    names = []
-    for number in range(2):
-        body = resources.contract_body(terms.parse_terms(terms_json(contract_id=f"EX-{number}")))
-        cluster.custom.create_cluster_custom_object(GROUP, VERSION, resources.CONTRACTS, body)
-        names.append(body["metadata"]["name"])
+    add_pool(cluster)
+    add_nodes(cluster, 1)
+    names = [add_contract(cluster, f"EX-{number}") for number in range(2)]
 
     def phases() -> list[Any]:
-        return [
-            cluster.custom.get_cluster_custom_object(GROUP, VERSION, resources.CONTRACTS, name)
-            .get("status", {})
-            .get("phase")
-            for name in names
-        ]
+        return [contract_status(cluster, name).get("phase") for name in names]
 
     for _ in range(2):  # the second run resumes what the first left
         with running_operator(cluster, peering="gpudelivery"):

@@ -10,20 +10,34 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client
 
-from gpudelivery.operator import runner
+from gpudelivery import terms
+from gpudelivery.operator import resources, runner
 from gpudelivery.operator.settings import OperatorSettings, PeeringSettings, TimingSettings
 
 from utils import kube
-from utils.factories import EPOCH
+from utils.factories import EPOCH, terms_json
 from utils.polling import poll
 
-__all__ = ["NOW", "Cluster", "cluster_at", "running_operator"]
+__all__ = [
+    "NOW",
+    "PRODUCT",
+    "Cluster",
+    "add_contract",
+    "add_nodes",
+    "add_pool",
+    "cluster_at",
+    "contract_status",
+    "running_operator",
+]
 
 # The operator's clock in these tests: an hour before the worked example's window.
 NOW = EPOCH - 3_600
+# The label GPU feature discovery gives the nodes of the worked example's instrument.
+PRODUCT = {"nvidia.com/gpu.product": "H100-SXM-80GB"}
 
 
 @dataclass
@@ -84,3 +98,48 @@ def running_operator(
     assert not thread.is_alive()
     if failure:
         raise failure[0]
+
+
+def add_pool(cluster: Cluster, **spec: Any) -> None:
+    """The DeliveryPool `h100` of the worked example's instrument, with `spec` added."""
+    body = {
+        "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+        "kind": "DeliveryPool",
+        "metadata": {"name": "h100"},
+        "spec": {"instrument": "H100-SXM-80GB", **spec},
+    }
+    cluster.custom.create_cluster_custom_object(
+        resources.GROUP, resources.VERSION, resources.POOLS, body
+    )
+
+
+def add_nodes(
+    cluster: Cluster, count: int, labels: dict[str, str] = PRODUCT, prefix: str = "gpu"
+) -> None:
+    """`count` nodes `<prefix>-<n>` with `labels` (and no spec, as a bare Node may have)."""
+    for number in range(count):
+        cluster.core.create_node({"metadata": {"name": f"{prefix}-{number}", "labels": labels}})
+
+
+def add_contract(
+    cluster: Cluster, contract_id: str | None = None, gpus: int | None = None, **fields: Any
+) -> str:
+    """A ComputeContract of the worked example's terms, changed by the arguments; its name."""
+    if contract_id is not None:
+        fields["contract_id"] = contract_id
+    if gpus is not None:
+        fields["gpu_count"] = gpus
+    body = resources.contract_body(terms.parse_terms(terms_json(**fields)))
+    cluster.custom.create_cluster_custom_object(
+        resources.GROUP, resources.VERSION, resources.CONTRACTS, body
+    )
+    return str(body["metadata"]["name"])
+
+
+def contract_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The status of the ComputeContract `name` (empty while it has none)."""
+    body = cluster.custom.get_cluster_custom_object(
+        resources.GROUP, resources.VERSION, resources.CONTRACTS, name
+    )
+    found: dict[str, Any] = body.get("status", {})
+    return found
