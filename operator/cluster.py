@@ -11,16 +11,20 @@ Not here: decisions (operator/booking.py, operator/placement.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import kopf
 import kubernetes
+from kubernetes.client.exceptions import ApiException
 
-from gpudelivery.operator import resources
+from gpudelivery.operator import errors, resources
 
 __all__ = ["Cluster", "configuration", "connection_info"]
+
+# The API server's answers the operator tells apart.
+_NOT_FOUND, _CONFLICT, _TOO_MANY_REQUESTS = 404, 409, 429
 
 
 def configuration(kubeconfig: Path | None) -> kubernetes.client.Configuration:
@@ -85,15 +89,72 @@ class Cluster:
         """The nodes carrying every label of `selector`, as the API serves them (JSON, which
         operator/nodes.py reads)."""
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
-        found = self._core.list_node(label_selector=label_selector).items
-        serialize = self._api_client.sanitize_for_serialization
-        return [cast(dict[str, Any], serialize(node)) for node in found]  # type: ignore[no-untyped-call]
+        return self._json(self._core.list_node(label_selector=label_selector).items)
 
-    def patch_contract_status(self, name: str, status: Mapping[str, Any]) -> None:
-        """Merge `status` into the ComputeContract's status (its status subresource)."""
-        self._custom.patch_cluster_custom_object_status(
+    def node(self, name: str) -> dict[str, Any] | None:
+        """Node `name` as the API serves it; None when there is none."""
+        try:
+            return self._json([self._core.read_node(name)])[0]
+        except ApiException as exc:
+            if exc.status == _NOT_FOUND:
+                return None
+            raise
+
+    def patch_node(self, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `patch` (which names the resourceVersion read) into node `name`; the node
+        as written. `errors.StaleObjectError` when it changed since it was read."""
+        try:
+            written = self._core.patch_node(name, dict(patch))
+        except ApiException as exc:
+            if exc.status == _CONFLICT:
+                raise errors.StaleObjectError(f"node {name} changed since it was read") from exc
+            raise
+        return self._json([written])[0]
+
+    def pods_on(self, node: str) -> list[dict[str, Any]]:
+        """The pods bound to `node`, in every namespace."""
+        found = self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}")
+        return self._json(found.items)
+
+    def pods_in(self, namespace: str) -> list[dict[str, Any]]:
+        """The pods of `namespace`."""
+        return self._json(self._core.list_namespaced_pod(namespace).items)
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+        """Add `annotations` to a pod; a pod gone meanwhile needs none."""
+        patch = {"metadata": {"annotations": dict(annotations)}}
+        try:
+            self._core.patch_namespaced_pod(name, namespace, patch)
+        except ApiException as exc:
+            if exc.status != _NOT_FOUND:
+                raise
+
+    def evict(self, namespace: str, name: str) -> bool:
+        """Ask the Eviction API to evict a pod: True when it is gone or going, False when a
+        PodDisruptionBudget refuses it for now (429; ask again later)."""
+        body = kubernetes.client.V1Eviction(
+            metadata=kubernetes.client.V1ObjectMeta(name=name, namespace=namespace)
+        )
+        try:
+            self._core.create_namespaced_pod_eviction(name, namespace, body)
+        except ApiException as exc:
+            if exc.status == _TOO_MANY_REQUESTS:
+                return False
+            if exc.status != _NOT_FOUND:
+                raise
+        return True
+
+    def _json(self, found: Sequence[object]) -> list[dict[str, Any]]:
+        serialize = self._api_client.sanitize_for_serialization
+        return [cast(dict[str, Any], serialize(item)) for item in found]  # type: ignore[no-untyped-call]
+
+    def patch_contract_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `status` into the ComputeContract's status (its status subresource); the
+        contract as written."""
+        written = self._custom.patch_cluster_custom_object_status(
             resources.GROUP, resources.VERSION, resources.CONTRACTS, name, {"status": status}
         )
+        return dict(cast(Mapping[str, Any], written))
 
     def patch_pool_status(self, name: str, status: Mapping[str, Any]) -> None:
         self._custom.patch_cluster_custom_object_status(

@@ -18,7 +18,9 @@ always give the same plan, whatever happened before.
   free node close to it.
 - At the end less the grace period the buyer is warned, once; at the end every node is
   released, every interval closed at the end, and the contract is `Completed`.
-- Cancelled, Completed, Rejected and Failed contracts only release what they still hold.
+- Cancelled, Completed, Rejected and Failed contracts only release what they still hold; a
+  live contract whose spec says it was cancelled becomes `Cancelled` (at any time: the API
+  cancels only before the start, a provider may end a delivery early).
 
 The executor carries out the actions in order, then writes the plan's phase, reason, nodes,
 drain starts, warning time and the ledger intervals as the actions left them (status last),
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from gpudelivery import terms, timefmt
@@ -59,11 +61,13 @@ class Interval(Protocol):
 
 @dataclass(frozen=True)
 class Contract:
-    """A contract to deliver: its resource name, terms and pool."""
+    """A contract to deliver: its resource name, terms and pool, and when it was cancelled
+    (`spec.cancelledAt`), if it was."""
 
     name: str
     terms: terms.ContractTerms
     pool: resources.Pool
+    cancelled_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def plan(
 ) -> Plan:
     """The plan for `contract` at `now_s`. `nodes` are the pool's nodes and any other node
     carrying the contract's name; `held_elsewhere` the nodes other contracts' statuses list."""
+    if contract.cancelled_s is not None and status.phase in booking.LIVE:
+        cancelled = f"cancelled at {_utc(contract.cancelled_s)}"
+        status = replace(status, phase=resources.Phase.CANCELLED, reason=cancelled)
     claimant = claims.Claimant(contract.name, frozenset(status.nodes), frozenset(held_elsewhere))
     view = _View(contract, status, claims.index(nodes), claimant, now_s, not_ready_after_s)
     stage = _stage(contract, status.phase, now_s)

@@ -21,12 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from gpudelivery import errors, timefmt
-from gpudelivery.operator import booking, cluster, nodes, resources
+from gpudelivery.operator import admission, booking, cluster, executor, nodes, resources
 from gpudelivery.operator.settings import OperatorSettings
 
 __all__ = ["Runtime", "register"]
@@ -46,6 +46,7 @@ class Runtime:
     connection: kopf.ConnectionInfo
     clock: Callable[[], float] = time.time
     booking_lock: threading.Lock = field(default_factory=threading.Lock)
+    tenancy: executor.Tenancy | None = None
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
@@ -64,6 +65,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         interval=settings.timing.reconcile_interval_s,
         id="pool-status",
     )(refresh_pool)
+    kopf.timer(
+        resources.GROUP,
+        resources.VERSION,
+        resources.POOLS,
+        registry=registry,
+        interval=settings.timing.reconcile_interval_s,
+        id="deliver",
+    )(deliver)
+    admission.register(registry, settings)
 
 
 def _login(memo: Runtime, **_: Any) -> kopf.ConnectionInfo:
@@ -78,6 +88,7 @@ def _configure(settings: kopf.OperatorSettings, memo: Runtime, **_: Any) -> None
         prefix="gpudelivery.io", key="last-handled-configuration"
     )
     settings.watching.server_timeout = 300
+    admission.configure(settings, memo.settings)
 
 
 def book(body: kopf.Body, name: str, memo: Runtime, logger: kopf.Logger, **_: Any) -> None:
@@ -153,3 +164,31 @@ def _capacity(memo: Runtime, pool: resources.Pool) -> tuple[int, int]:
     found = memo.cluster.nodes(pool.node_selector)
     quarantined = sum(1 for node in found if nodes.is_quarantined(node))
     return len(found), booking.capacity_nodes(pool, matching=len(found), quarantined=quarantined)
+
+
+def deliver(body: kopf.Body, memo: Runtime, logger: kopf.Logger, **_: Any) -> None:
+    """One delivery pass over the pool (operator/executor.py)."""
+    try:
+        pool = resources.pool_from_body(body)
+    except errors.InputError as exc:
+        raise kopf.PermanentError(f"invalid DeliveryPool: {exc}") from exc
+    passes = executor.PoolDelivery(
+        memo.cluster,
+        clock=memo.clock,
+        not_ready_after_s=memo.settings.timing.not_ready_after_s,
+        tenancy=memo.tenancy,
+        announce=_announce,
+        logger=logger,
+    )
+    passes.run(pool)
+
+
+def _announce(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    """Post an Event about a ComputeContract read through the client."""
+    raw = {
+        "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+        "kind": "ComputeContract",
+        "metadata": dict(body.get("metadata") or {}),
+    }
+    reference = kopf.Body(cast(kopf.RawBody, raw))
+    kopf.event(reference, type=kind, reason=reason, message=message)

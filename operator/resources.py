@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpudelivery import errors, terms
+from gpudelivery import errors, terms, timefmt
 
 __all__ = [
     "CONTRACTS",
@@ -34,11 +34,13 @@ __all__ = [
     "LABEL_GPU_PRODUCT",
     "LABEL_ZONE",
     "POOLS",
+    "SPEC_CANCELLED_AT",
     "TAINT_CONTRACT",
     "TAINT_QUARANTINE",
     "VERSION",
     "Phase",
     "Pool",
+    "cancelled_at_s",
     "contract_body",
     "namespace_name",
     "pool_from_body",
@@ -61,6 +63,10 @@ LABEL_BLOCK = "gpudelivery.io/network-block"
 LABEL_ZONE = "topology.kubernetes.io/zone"
 # What GPU feature discovery labels a node's GPU product with: a pool's default selector.
 LABEL_GPU_PRODUCT = "nvidia.com/gpu.product"
+# The ComputeContract spec field saying the contract was cancelled, and when (RFC 3339 UTC):
+# not one of the terms, so it sits beside them. The mirror copies the API's cancellation
+# into it; a provider sets it to cancel a contract applied with kubectl.
+SPEC_CANCELLED_AT = "cancelledAt"
 
 # A DNS label is at most 63 characters; the namespace adds its prefix to the resource name,
 # whose readable part is cut to leave room for it and for the hash that keeps names apart.
@@ -166,13 +172,24 @@ def terms_from_body(body: Mapping[str, Any]) -> terms.ContractTerms:
     spec = body.get("spec")
     if not isinstance(spec, Mapping):
         raise errors.TermsError("missing", field="spec")
-    unknown = sorted(set(spec) - set(_TERMS_FIELDS))
+    unknown = sorted(set(spec) - set(_TERMS_FIELDS) - {SPEC_CANCELLED_AT})
     if unknown:
         raise errors.TermsError("unknown field", field=f"spec.{unknown[0]}")
+    document = {_TERMS_FIELDS[key]: value for key, value in spec.items() if key in _TERMS_FIELDS}
     try:
-        return terms.parse_terms({_TERMS_FIELDS[key]: value for key, value in spec.items()})
+        return terms.parse_terms(document)
     except errors.TermsError as exc:
         raise errors.TermsError(exc.reason, field=_spec_field(exc.field)) from exc
+
+
+def cancelled_at_s(body: Mapping[str, Any]) -> int | None:
+    """When the ComputeContract was cancelled (`spec.cancelledAt`), or None; a value that is
+    not an RFC 3339 UTC instant is refused by name (`errors.InputError`)."""
+    spec = body.get("spec")
+    value = spec.get(SPEC_CANCELLED_AT) if isinstance(spec, Mapping) else None
+    if value is None:
+        return None
+    return timefmt.parse_utc(value, field=f"spec.{SPEC_CANCELLED_AT}")
 
 
 def _spec_field(core_field: str | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes import client
 
 from gpudelivery import terms
-from gpudelivery.operator import resources, runner
+from gpudelivery.operator import nodes, resources, runner
 from gpudelivery.operator.settings import OperatorSettings, PeeringSettings, TimingSettings
 
 from utils import kube
@@ -25,12 +25,15 @@ from utils.polling import poll
 __all__ = [
     "NOW",
     "PRODUCT",
+    "Clock",
     "Cluster",
     "add_contract",
+    "add_gpu_nodes",
     "add_nodes",
     "add_pool",
     "cluster_at",
     "contract_status",
+    "gpu_uuids",
     "running_operator",
 ]
 
@@ -49,6 +52,20 @@ class Cluster:
     kubeconfig: Path
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
+
+
+class Clock:
+    """A clock the test moves: the operator's, and the emulator's once `attach`ed."""
+
+    def __init__(self, now_s: int = NOW) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return float(self.now_s)
+
+    def attach(self, cluster: Cluster) -> None:
+        """Let the emulator tell the time by this clock (the times it stamps)."""
+        cluster.emulator.clock = lambda: datetime.datetime.fromtimestamp(self.now_s, datetime.UTC)
 
 
 @contextlib.contextmanager
@@ -119,6 +136,48 @@ def add_nodes(
     """`count` nodes `<prefix>-<n>` with `labels` (and no spec, as a bare Node may have)."""
     for number in range(count):
         cluster.core.create_node({"metadata": {"name": f"{prefix}-{number}", "labels": labels}})
+
+
+def gpu_uuids(node: str, gpus: int = 8) -> list[str]:
+    """The GPU UUIDs `add_gpu_nodes` gives node `node`."""
+    return [f"GPU-{node}-{index}" for index in range(gpus)]
+
+
+def add_gpu_nodes(
+    cluster: Cluster,
+    names: list[str],
+    *,
+    block: str | None = None,
+    zone: str = "z1",
+    labels: dict[str, str] = PRODUCT,
+    gpus: int = 8,
+) -> None:
+    """Nodes `names` as a GPU node looks once its metering agent runs: Ready since an hour
+    before NOW, GPUs reported healthy, their UUIDs published, in `block` and `zone`."""
+    since = datetime.datetime.fromtimestamp(NOW - 3_600, datetime.UTC).isoformat()
+    placement = {resources.LABEL_ZONE: zone} | (
+        {} if block is None else {resources.LABEL_BLOCK: block}
+    )
+    for name in names:
+        cluster.core.create_node(
+            {
+                "metadata": {
+                    "name": name,
+                    "labels": {**labels, **placement},
+                    "annotations": {nodes.ANNOTATION_GPU_UUIDS: ",".join(gpu_uuids(name, gpus))},
+                },
+                "status": {
+                    "conditions": [
+                        {"type": "Ready", "status": "True", "lastTransitionTime": since},
+                        {
+                            "type": nodes.CONDITION_GPU_HEALTHY,
+                            "status": "True",
+                            "lastTransitionTime": since,
+                        },
+                    ]
+                },
+            }
+        )
 
 
 def add_contract(
