@@ -318,7 +318,10 @@ def operator_run() -> None:
         where = "__".join(str(part) for part in first["loc"]) or "settings"
         _fail(f"GPUDELIVERY_OPERATOR_{where.upper()}: {first['msg']}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    runner.run(settings)
+    try:
+        runner.run(settings)
+    except errors.GpuDeliveryError as exc:
+        _fail(str(exc))
 
 
 @api_app.command("migrate")

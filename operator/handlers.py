@@ -26,7 +26,18 @@ from typing import Any, cast
 import kopf
 
 from gpudelivery import errors, timefmt
-from gpudelivery.operator import admission, booking, cluster, executor, nodes, resources
+from gpudelivery.operator import (
+    admission,
+    booking,
+    cluster,
+    executor,
+    ledger,
+    nodes,
+    resources,
+)
+from gpudelivery.operator import (
+    errors as operator_errors,
+)
 from gpudelivery.operator.settings import OperatorSettings
 
 __all__ = ["Runtime", "register"]
@@ -34,6 +45,9 @@ __all__ = ["Runtime", "register"]
 # Event reasons the operator posts on its resources.
 EVENT_BOOKED = "Booked"
 EVENT_REJECTED = "Rejected"
+EVENT_LEDGER_REFUSED = "LedgerRefused"
+# The ComputeContract condition saying whether the API holds the ledger as the status does.
+CONDITION_LEDGER_REPORTED = "LedgerReported"
 
 
 @dataclass
@@ -47,6 +61,8 @@ class Runtime:
     clock: Callable[[], float] = time.time
     booking_lock: threading.Lock = field(default_factory=threading.Lock)
     tenancy: executor.Tenancy | None = None
+    # Reports the assignment ledger to the API; None when no API is configured.
+    ledger: ledger.LedgerClient | None = None
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
@@ -73,6 +89,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         interval=settings.timing.reconcile_interval_s,
         id="deliver",
     )(deliver)
+    if settings.api.url is not None:
+        kopf.timer(
+            resources.GROUP,
+            resources.VERSION,
+            resources.CONTRACTS,
+            registry=registry,
+            interval=settings.api.sync_interval_s,
+            id="ledger",
+        )(report_ledger)
     admission.register(registry, settings)
 
 
@@ -192,3 +217,60 @@ def _announce(body: Mapping[str, Any], kind: str, reason: str, message: str) -> 
     }
     reference = kopf.Body(cast(kopf.RawBody, raw))
     kopf.event(reference, type=kind, reason=reason, message=message)
+
+
+def report_ledger(body: kopf.Body, name: str, memo: Runtime, logger: kopf.Logger, **_: Any) -> None:
+    """Report the contract's ledger to the API unless it acknowledged these very intervals;
+    while it cannot take them, the timer tries again (delivery never waits for it)."""
+    status = body.get("status") or {}
+    recorded = status.get("ledger") or {}
+    if memo.ledger is None or not recorded.get("intervals"):
+        return
+    try:
+        intervals = ledger.from_status(recorded["intervals"])
+    except (errors.InputError, operator_errors.OperatorError) as exc:
+        raise kopf.PermanentError(f"unreadable ledger: {exc}") from exc
+    digest = ledger.digest(intervals)
+    if recorded.get("reported") == digest:
+        return
+    contract_id = str((body.get("spec") or {}).get("contractId"))
+    try:
+        memo.ledger.report(contract_id, intervals)
+    except operator_errors.LedgerUnavailableError as exc:
+        logger.info("contract %s: ledger not reported yet: %s", contract_id, exc)
+        changed = _ledger_condition(memo, status, "False", "Unavailable", str(exc))
+        if changed is not None:
+            memo.cluster.patch_contract_status(name, {"conditions": changed})
+        return
+    except operator_errors.LedgerRefusedError as exc:
+        kopf.warn(body, reason=EVENT_LEDGER_REFUSED, message=str(exc))
+        changed = _ledger_condition(memo, status, "False", "Refused", str(exc))
+        if changed is not None:
+            memo.cluster.patch_contract_status(name, {"conditions": changed})
+        return
+    message = f"{len(intervals)} intervals acknowledged"
+    changed = _ledger_condition(memo, status, "True", "Acknowledged", message)
+    patch: dict[str, Any] = {"ledger": {"reported": digest}}
+    if changed is not None:
+        patch["conditions"] = changed
+    memo.cluster.patch_contract_status(name, patch)
+    logger.info("contract %s: ledger reported (%s)", contract_id, message)
+
+
+def _ledger_condition(
+    memo: Runtime, status: Mapping[str, Any], state: str, reason: str, message: str
+) -> list[dict[str, Any]] | None:
+    """The conditions with LedgerReported set so, or None when it already says so."""
+    conditions = [dict(c) for c in status.get("conditions") or [] if isinstance(c, dict)]
+    current = next((c for c in conditions if c.get("type") == CONDITION_LEDGER_REPORTED), {})
+    if (current.get("status"), current.get("reason")) == (state, reason):
+        return None
+    condition = {
+        "type": CONDITION_LEDGER_REPORTED,
+        "status": state,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": timefmt.format_utc(int(memo.clock())),
+    }
+    others = [c for c in conditions if c.get("type") != CONDITION_LEDGER_REPORTED]
+    return [*others, condition]

@@ -13,13 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 
+import httpx
 import kopf
 import kubernetes
 
-from gpudelivery.operator import cluster, handlers
+from gpudelivery.operator import cluster, errors, handlers, ledger
 from gpudelivery.operator.settings import OperatorSettings
 
 __all__ = ["USER_AGENT", "run", "serve"]
+
+# The setting holding the API key, as the user sets it (named in errors).
+_TOKEN_FILE = "GPUDELIVERY_OPERATOR_API__TOKEN_FILE"
 
 # How the operator's own calls name themselves to the API server (kopf's say kopf/<version>).
 USER_AGENT = f"gpudelivery-operator/{importlib.metadata.version('gpudelivery')}"
@@ -31,8 +35,17 @@ async def serve(
     stop_flag: threading.Event | None = None,
     ready_flag: threading.Event | None = None,
     clock: Callable[[], float] = time.time,
+    api: httpx.Client | None = None,
 ) -> None:
-    """Run the operator until `stop_flag` is set (or forever)."""
+    """Run the operator until `stop_flag` is set (or forever). It reaches the gpudelivery API
+    through `api` when given (tests), else at `settings.api.url` when that is set."""
+    token = _api_token(settings)
+    if api is None and settings.api.url is not None:
+        api = httpx.Client(
+            base_url=str(settings.api.url),
+            timeout=settings.api.timeout_s,
+            headers={"User-Agent": USER_AGENT},
+        )
     config = cluster.configuration(settings.kubeconfig)
     api_client = kubernetes.client.ApiClient(config)
     api_client.user_agent = USER_AGENT
@@ -41,6 +54,7 @@ async def serve(
         settings=settings,
         connection=cluster.connection_info(config),
         clock=clock,
+        ledger=None if api is None or token is None else ledger.LedgerClient(api, token=token),
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings)
@@ -56,6 +70,23 @@ async def serve(
         )
     finally:
         api_client.close()  # type: ignore[no-untyped-call]
+        if api is not None:
+            api.close()
+
+
+def _api_token(settings: OperatorSettings) -> str | None:
+    """The API key in `api.token_file`; `errors.OperatorError` naming the file when it cannot
+    be read or is empty."""
+    path = settings.api.token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise errors.OperatorError(f"{_TOKEN_FILE} {path}: {exc.strerror}") from exc
+    if not token:
+        raise errors.OperatorError(f"{_TOKEN_FILE} {path}: empty")
+    return token
 
 
 def run(settings: OperatorSettings) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -40,6 +40,12 @@ class ApiSettings(BaseModel):
         "of a ledger the API has not acknowledged.",
     )
 
+    @model_validator(mode="after")
+    def _token_with_url(self) -> ApiSettings:
+        if self.url is not None and self.token_file is None:
+            raise ValueError("api.url needs api.token_file (an API key of role operator)")
+        return self
+
 
 class PeeringSettings(BaseModel):
     name: str = Field(
@@ -69,21 +75,49 @@ class TimingSettings(BaseModel):
 
 
 class WebhookSettings(BaseModel):
+    """The admission webhook that pins buyers' pods to their contract's nodes
+    (operator/admission.py says how it is served and configured)."""
+
     enabled: bool = Field(
         default=True,
         description="Serve the mutating admission webhook that pins buyers' pods to their "
-        "contract's nodes.",
+        "contract's nodes, and keep its MutatingWebhookConfiguration; off: buyers add the "
+        "node selector and toleration themselves.",
     )
     host: str = Field(default="0.0.0.0", description="Address the webhook server listens on.")
-    port: int = Field(default=9443, ge=1, le=65535, description="Its port.")
+    port: int = Field(
+        default=9443,
+        ge=0,
+        le=65535,
+        description="Its port, also the port of the Service named by service_host; 0 picks a "
+        "free one (tests).",
+    )
     cert_file: Path | None = Field(
-        default=None, description="TLS certificate (a mounted Secret); unset: self-signed."
+        default=None,
+        description="TLS certificate (PEM, a mounted Secret, re-read when it changes); unset: "
+        "a self-signed one made at start, which needs a single replica (peering.standalone).",
     )
     key_file: Path | None = Field(default=None, description="The certificate's private key.")
+    ca_file: Path | None = Field(
+        default=None,
+        description="The CA that issued cert_file, given to the API server to trust it; "
+        "unset: the certificate itself.",
+    )
     service_host: str | None = Field(
         default=None,
-        description="The host name the API server reaches the webhook at (its Service).",
+        description="The host name the API server reaches the webhook at, which the "
+        "certificate names: `<service>.<namespace>.svc` makes the configuration name that "
+        "Service (port `port`); any other host is called as https://<host>:<port>; unset: "
+        "the listening address (development).",
     )
+
+    @model_validator(mode="after")
+    def _certificate_is_whole(self) -> WebhookSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("webhook.cert_file and webhook.key_file are set together")
+        if self.ca_file is not None and self.cert_file is None:
+            raise ValueError("webhook.ca_file needs webhook.cert_file")
+        return self
 
 
 class OperatorSettings(BaseSettings):

@@ -54,3 +54,31 @@ def test_a_bad_operator_setting_is_named_and_nothing_runs(tmp_path: Path) -> Non
         "GPUDELIVERY_OPERATOR_TIMING__NOT_READY_AFTER_S: Input should be greater than or equal to 0"
         in result.output
     )
+
+
+def test_an_api_url_without_a_key_is_refused_by_name() -> None:
+    result = CliRunner().invoke(
+        app, ["operator", "run"], env={"GPUDELIVERY_OPERATOR_API__URL": "https://api.example"}
+    )
+    assert result.exit_code == 2
+    assert (
+        "GPUDELIVERY_OPERATOR_API: Value error, api.url needs api.token_file (an API key of "
+        "role operator)" in result.output
+    )
+
+
+def test_an_unreadable_api_key_file_is_named_and_nothing_runs(tmp_path: Path) -> None:
+    missing = tmp_path / "operator.key"
+    result = CliRunner().invoke(
+        app,
+        ["operator", "run"],
+        env={
+            "GPUDELIVERY_OPERATOR_API__URL": "https://api.example",
+            "GPUDELIVERY_OPERATOR_API__TOKEN_FILE": str(missing),
+        },
+    )
+    assert result.exit_code == 2
+    assert (
+        f"GPUDELIVERY_OPERATOR_API__TOKEN_FILE {missing}: No such file or directory"
+        in result.output
+    )

@@ -28,6 +28,7 @@ from utils.operators import (
 from utils.polling import poll
 
 START, END = EPOCH, EPOCH + 3_600
+LABEL_PRODUCT = resources.LABEL_GPU_PRODUCT
 
 
 def node(cluster: Cluster, name: str) -> dict[str, Any]:
@@ -49,11 +50,13 @@ def marks(cluster: Cluster, name: str) -> dict[str, Any]:
     }
 
 
-def add_pod(cluster: Cluster, namespace: str, name: str, on: str) -> None:
+def add_pod(
+    cluster: Cluster, namespace: str, name: str, on: str, labels: dict[str, str] | None = None
+) -> None:
     cluster.core.create_namespaced_pod(
         namespace,
         {
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
             "spec": {"nodeName": on, "containers": [{"name": "main", "image": "busybox"}]},
             "status": {"phase": "Running"},
         },
@@ -180,3 +183,147 @@ def test_nodes_of_another_product_are_never_touched(cluster: Cluster) -> None:
         clock.now_s = START + 3_600
         poll(lambda: phase_of(cluster, name) == "Delivering")
         assert marks(cluster, "a100-0") == FREE
+
+
+def test_a_node_whose_drain_a_disruption_budget_blocks_is_swapped_after_the_drain_timeout(
+    cluster: Cluster,
+) -> None:
+    clock = Clock(START - 600)  # the pool's lead time: preparation starts now
+    clock.attach(cluster)
+    add_pool(cluster, drainTimeoutSeconds=120)
+    add_gpu_nodes(cluster, ["gpu-a"], block="a")
+    add_gpu_nodes(cluster, ["gpu-b"], block="b")
+    name = add_contract(cluster, "EX-1", 8)
+    with running_operator(cluster, clock=clock):
+        poll(lambda: phase_of(cluster, name) == "Preparing")
+        (first,) = contract_status(cluster, name)["nodes"]
+        other = {"gpu-a": "gpu-b", "gpu-b": "gpu-a"}[first]
+        # A database that may not lose its one replica lands on the node being prepared.
+        add_pod(cluster, "team", "db-0", on=first, labels={"app": "db"})
+        client.PolicyV1Api(cluster.core.api_client).create_namespaced_pod_disruption_budget(
+            "team",
+            {
+                "metadata": {"name": "db", "namespace": "team"},
+                "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "db"}}},
+            },
+        )
+        poll(lambda: contract_status(cluster, name)["reason"].startswith("0 of 1 node ready"))
+        assert pods_on(cluster, first) == ["team/db-0"]  # refused, asked again each pass
+        assert contract_status(cluster, name)["drainStarted"] == [
+            {"node": first, "at": timefmt.format_utc(START - 600)}
+        ]
+
+        clock.now_s = START - 600 + 120
+        poll(lambda: contract_status(cluster, name)["nodes"] == [other])
+        poll(lambda: marks(cluster, first) == FREE)
+        assert pods_on(cluster, first) == ["team/db-0"]  # the budget was honoured
+
+        clock.now_s = START
+        poll(lambda: phase_of(cluster, name) == "Delivering")
+        assert marks(cluster, other)["label"] == name
+        assert marks(cluster, first) == FREE
+
+
+def test_a_cancelled_contract_releases_its_nodes_and_its_booking(cluster: Cluster) -> None:
+    clock = Clock(START - 300)
+    clock.attach(cluster)
+    add_pool(cluster)
+    add_gpu_nodes(cluster, ["gpu-0", "gpu-1"], block="a")
+    name = add_contract(cluster, "EX-1", 16)
+    with running_operator(cluster, clock=clock):
+        poll(lambda: phase_of(cluster, name) == "Preparing")
+        poll(lambda: marks(cluster, "gpu-1")["cordoned"])
+        cancelled_at = timefmt.format_utc(START - 200)
+        cluster.custom.patch_cluster_custom_object(
+            resources.GROUP,
+            resources.VERSION,
+            resources.CONTRACTS,
+            name,
+            {"spec": {resources.SPEC_CANCELLED_AT: cancelled_at}},
+        )
+        poll(lambda: phase_of(cluster, name) == "Cancelled")
+        poll(lambda: [marks(cluster, n) for n in ("gpu-0", "gpu-1")] == [FREE, FREE])
+        status = contract_status(cluster, name)
+        assert status["reason"] == f"cancelled at {cancelled_at}"
+        assert "nodes" not in status
+        # The room is free again: a contract for the same window now fits.
+        again = add_contract(cluster, "EX-2", 16)
+        poll(lambda: phase_of(cluster, again) is not None)
+        assert phase_of(cluster, again) == "Booked"
+        clock.now_s = START
+        poll(lambda: phase_of(cluster, again) == "Delivering")
+        assert phase_of(cluster, name) == "Cancelled"
+
+
+def test_three_pools_of_forty_nodes_deliver_their_contracts_and_give_every_node_back(
+    cluster: Cluster,
+) -> None:
+    clock = Clock()
+    clock.attach(cluster)
+    pools = {  # pool: (instrument, {block: nodes})
+        "h100": ("H100-SXM-80GB", {"h1": 8, "h2": 8}),
+        "a100": ("A100-SXM4-80GB", {"a1": 4, "a2": 4, "a3": 4, "a4": 4}),
+        "l40s": ("L40S", {"l1": 8}),
+    }
+    for pool, (instrument, blocks) in pools.items():
+        add_pool(cluster, pool, instrument, spares=1)
+        for block, count in blocks.items():
+            names = [f"{block}-{number}" for number in range(count)]
+            add_gpu_nodes(cluster, names, block=block, labels={LABEL_PRODUCT: instrument})
+    hour = timefmt.format_utc
+    wanted = {  # contract: (instrument, GPUs, start, end)
+        "H-1": ("H100-SXM-80GB", 64, START, END),  # 8 nodes: one whole block
+        "H-2": ("H100-SXM-80GB", 56, START, END),  # 7 nodes: the other block, less a spare
+        "H-3": ("H100-SXM-80GB", 8, START, END),  # the pool is full: rejected
+        "A-1": ("A100-SXM4-80GB", 32, START, END),  # 4 nodes: one block
+        "A-2": ("A100-SXM4-80GB", 24, START, END),  # 3 nodes
+        "A-3": ("A100-SXM4-80GB", 16, START + 1_800, END),  # later in the window
+        "L-1": ("L40S", 40, START, START + 1_800),  # 5 nodes, half the window
+        "L-2": ("L40S", 16, START + 1_800, END),  # after L-1, on its nodes
+    }
+    names = {}
+    with running_operator(cluster, clock=clock):
+        for contract_id, (instrument, gpus, start, end) in wanted.items():
+            names[contract_id] = add_contract(
+                cluster, contract_id, gpus, instrument=instrument, start=hour(start), end=hour(end)
+            )
+            poll(lambda name=names[contract_id]: phase_of(cluster, name) is not None)
+        assert {c: phase_of(cluster, n) for c, n in names.items()} == {
+            c: "Rejected" if c == "H-3" else "Booked" for c in wanted
+        }
+
+        clock.now_s = START
+        live = ["H-1", "H-2", "A-1", "A-2", "L-1"]
+        poll(lambda: all(phase_of(cluster, names[c]) == "Delivering" for c in live))
+        held = {c: contract_status(cluster, names[c])["nodes"] for c in live}
+        assert {c: len(nodes_) for c, nodes_ in held.items()} == {
+            "H-1": 8, "H-2": 7, "A-1": 4, "A-2": 3, "L-1": 5,
+        }  # fmt: skip
+        for contract_id, nodes_ in held.items():  # each in one network block
+            assert len({node.rsplit("-", 1)[0] for node in nodes_}) == 1, (contract_id, nodes_)
+        every = [node for nodes_ in held.values() for node in nodes_]
+        assert len(every) == len(set(every))  # never two contracts on one node
+        for contract_id, nodes_ in held.items():
+            assert {marks(cluster, node)["label"] for node in nodes_} == {names[contract_id]}
+
+        clock.now_s = START + 1_800
+        poll(lambda: phase_of(cluster, names["L-1"]) == "Completed")
+        poll(lambda: phase_of(cluster, names["L-2"]) == "Delivering")
+        poll(lambda: phase_of(cluster, names["A-3"]) == "Delivering")
+        a3 = contract_status(cluster, names["A-3"])["nodes"]
+        assert len(a3) == 2
+        assert not set(a3) & set(every)
+
+        clock.now_s = END
+        ended = [c for c in wanted if c != "H-3"]
+        poll(lambda: all(phase_of(cluster, names[c]) == "Completed" for c in ended))
+        poll(lambda: all(marks(cluster, n) == FREE for n in all_nodes(cluster)))
+        for contract_id in ended:
+            status = contract_status(cluster, names[contract_id])
+            instrument, gpus, start, end = wanted[contract_id]
+            assert status["deliveredGpuSeconds"] == gpus * (end - start), contract_id
+    assert len(all_nodes(cluster)) == 40
+
+
+def all_nodes(cluster: Cluster) -> list[str]:
+    return sorted(node.metadata.name for node in cluster.core.list_node().items)

@@ -16,7 +16,12 @@ from kubernetes import client
 
 from gpudelivery import terms
 from gpudelivery.operator import nodes, resources, runner
-from gpudelivery.operator.settings import OperatorSettings, PeeringSettings, TimingSettings
+from gpudelivery.operator.settings import (
+    OperatorSettings,
+    PeeringSettings,
+    TimingSettings,
+    WebhookSettings,
+)
 
 from utils import kube
 from utils.factories import EPOCH, terms_json
@@ -82,16 +87,22 @@ def cluster_at(directory: Path) -> Iterator[Cluster]:
 
 @contextlib.contextmanager
 def running_operator(
-    cluster: Cluster, *, clock: Callable[[], float] = lambda: NOW, peering: str | None = None
+    cluster: Cluster,
+    *,
+    clock: Callable[[], float] = lambda: NOW,
+    peering: str | None = None,
+    webhook: WebhookSettings | None = None,
 ) -> Iterator[None]:
     """The operator against `cluster` until the block ends: standalone, or sharing the
-    peering object `peering` (which must exist), as the chart runs it."""
+    peering object `peering` (which must exist), as the chart runs it; with the admission
+    webhook `webhook`, else without one (no port bound)."""
     settings = OperatorSettings(
         kubeconfig=cluster.kubeconfig,
         peering=PeeringSettings(standalone=True)
         if peering is None
         else PeeringSettings(name=peering, standalone=False),
         timing=TimingSettings(reconcile_interval_s=1.0),
+        webhook=WebhookSettings(enabled=False) if webhook is None else webhook,
     )
     stop, ready = threading.Event(), threading.Event()
     failure: list[BaseException] = []
@@ -117,25 +128,20 @@ def running_operator(
         raise failure[0]
 
 
-def add_pool(cluster: Cluster, **spec: Any) -> None:
-    """The DeliveryPool `h100` of the worked example's instrument, with `spec` added."""
+def add_pool(
+    cluster: Cluster, name: str = "h100", instrument: str = "H100-SXM-80GB", **spec: Any
+) -> None:
+    """The DeliveryPool `name` of `instrument` (by default the worked example's), with `spec`
+    added; its nodes are those GPU feature discovery labels with the instrument's name."""
     body = {
         "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
         "kind": "DeliveryPool",
-        "metadata": {"name": "h100"},
-        "spec": {"instrument": "H100-SXM-80GB", **spec},
+        "metadata": {"name": name},
+        "spec": {"instrument": instrument, **spec},
     }
     cluster.custom.create_cluster_custom_object(
         resources.GROUP, resources.VERSION, resources.POOLS, body
     )
-
-
-def add_nodes(
-    cluster: Cluster, count: int, labels: dict[str, str] = PRODUCT, prefix: str = "gpu"
-) -> None:
-    """`count` nodes `<prefix>-<n>` with `labels` (and no spec, as a bare Node may have)."""
-    for number in range(count):
-        cluster.core.create_node({"metadata": {"name": f"{prefix}-{number}", "labels": labels}})
 
 
 def gpu_uuids(node: str, gpus: int = 8) -> list[str]:
