@@ -116,9 +116,9 @@ def test_a_contract_is_prepared_delivered_substituted_and_released(cluster: Clus
         poll(lambda: phase_of(cluster, name) == "Preparing" and not pods_on(cluster, "gpu-a1"))
         cordoned = {"claimed-by": name, "label": None, "taints": [], "cordoned": True}
         poll(lambda: marks(cluster, "gpu-a1") == cordoned)
-        status = contract_status(cluster, name)
-        assert status["nodes"] == ["gpu-a1", "gpu-a2"]  # one network block
-        assert status["reason"] == "2 of 2 nodes ready for 2026-03-03T00:00:00Z"
+        ready = "2 of 2 nodes ready for 2026-03-03T00:00:00Z"
+        poll(lambda: contract_status(cluster, name)["reason"] == ready)
+        assert contract_status(cluster, name)["nodes"] == ["gpu-a1", "gpu-a2"]  # one block
         assert [marks(cluster, n) for n in ("gpu-a2", "gpu-b1")] == [cordoned, FREE]
         assert ledger_of(cluster, name) == []
 

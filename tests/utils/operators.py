@@ -144,6 +144,14 @@ def add_pool(
     )
 
 
+def add_nodes(
+    cluster: Cluster, count: int, labels: dict[str, str] = PRODUCT, prefix: str = "gpu"
+) -> None:
+    """`count` nodes `<prefix>-<n>` with `labels` (and no spec, as a bare Node may have)."""
+    for number in range(count):
+        cluster.core.create_node({"metadata": {"name": f"{prefix}-{number}", "labels": labels}})
+
+
 def gpu_uuids(node: str, gpus: int = 8) -> list[str]:
     """The GPU UUIDs `add_gpu_nodes` gives node `node`."""
     return [f"GPU-{node}-{index}" for index in range(gpus)]
