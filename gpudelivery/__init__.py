@@ -13,6 +13,7 @@ __all__ = [
     "errors",
     "evidence",
     "merkle",
+    "node_signals",
     "proof",
     "settlement",
     "signing",

@@ -8,10 +8,11 @@ thread serves /metrics and /healthz. A stop request (SIGTERM) spools the partial
 before the process ends; a `kill -9` loses at most the unspooled part of the current batch,
 and the chain continues from the spool on restart.
 
-A condition thread publishes the GPUs' health on the Node as `GPUHealthy`
-(metering.node_condition), and records name the pods using each GPU (metering.attribution,
-with pods found by UID through metering.pods), when the agent can reach the kubelet and the
-API server; without them, metering goes on.
+A condition thread publishes the GPUs' health on the Node as `GPUHealthy` and their UUIDs
+as the annotation `gpudelivery.io/gpu-uuids` (metering.node_condition, fed the sampler's
+latest verdicts: one per GPU NVML reports), and records name the pods using each GPU
+(metering.attribution, with pods found by UID through metering.pods), when the agent can
+reach the kubelet and the API server; without them, metering goes on.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ class Agent:
         api = kube.core_api(kubeconfig)
         if api is None:
             logger.warning(
-                "no service account and no kubeconfig: no %s Node condition, and processes "
-                "are not traced to pods",
+                "no service account and no kubeconfig: no %s Node condition nor %s annotation, "
+                "and processes are not traced to pods",
                 node_condition.CONDITION_TYPE,
+                node_condition.ANNOTATION_GPU_UUIDS,
             )
         return api
 

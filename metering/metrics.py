@@ -178,7 +178,7 @@ class MeterCollector(Collector):
         if self.condition is not None:
             yield CounterMetricFamily(
                 PREFIX + "node_condition_errors",
-                "Writes of the GPUHealthy Node condition that failed.",
+                "Writes of the GPUHealthy Node condition or the GPU UUIDs annotation that failed.",
                 value=self.condition.errors,
             )
         if self.attribution is not None:

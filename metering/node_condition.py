@@ -1,4 +1,5 @@
-"""The node's GPU health, published on its own Node as the condition `GPUHealthy`.
+"""The node's GPUs, published on its own Node: their health as the condition `GPUHealthy`,
+their UUIDs as the annotation `gpudelivery.io/gpu-uuids` (gpudelivery/node_signals.py).
 
 As node-problem-detector does for kernel and hardware problems, the agent writes one
 condition on the Node it runs on: `True` when every GPU is healthy, `False` with the
@@ -12,6 +13,14 @@ message changes and otherwise every `heartbeat_s` (its `lastHeartbeatTime`), so 
 condition shows. `lastTransitionTime` moves only when the status flips, also across an
 agent restart (the Node's current condition is read once at start). Nothing is written
 before the first sampling round: a condition claims only what was measured.
+
+The annotation lists every GPU NVML reports, healthy or not (one fallen off the bus stays
+listed, and the condition says it is lost): it says which GPUs the node has, for the
+operator's ledger. It is a merge patch of the Node's metadata (`nodes`, not `nodes/status`),
+written only when it differs from what the Node holds, read with the condition at start: an
+unchanged set is never rewritten, a changed one (a GPU gone from NVML's list after a
+restart, or back) is. A failed write of either is counted in `errors`, logged by `run`, and
+written again on the next round; nothing is written before the first round.
 
 The Kubernetes client comes from metering.kube: the pod's service account, or a kubeconfig.
 """
@@ -28,10 +37,11 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpudelivery import timefmt
+from gpudelivery import node_signals, timefmt
 from gpudelivery.metering import errors, health
 
 __all__ = [
+    "ANNOTATION_GPU_UUIDS",
     "CONDITION_TYPE",
     "Condition",
     "NodeConditionPublisher",
@@ -41,12 +51,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The condition type the operator watches (operator issue: substitution).
-CONDITION_TYPE = "GPUHealthy"
+CONDITION_TYPE = node_signals.CONDITION_GPU_HEALTHY
+# The annotation listing the GPUs the agent samples (the operator's ledger names them).
+ANNOTATION_GPU_UUIDS = node_signals.ANNOTATION_GPU_UUIDS
 # Condition reasons: CamelCase, as Kubernetes condition reasons are.
 REASON_HEALTHY = "GPUsHealthy"
 REASON_UNHEALTHY = "GPUsUnhealthy"
 # The patch type under which the API server merges `status.conditions` by `type`.
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+# The patch type that sets one annotation and leaves the Node's others alone.
+MERGE_PATCH = "application/merge-patch+json"
 # A condition message is for people and `kubectl describe`; a node with every GPU failing
 # in every way stays well under this.
 MAX_MESSAGE_CHARS = 4096
@@ -76,7 +90,8 @@ def gpu_condition(verdicts: Mapping[str, health.Verdict]) -> Condition:
 
 
 class NodeConditionPublisher:
-    """Writes the GPUHealthy condition of one Node when it changes, and as a heartbeat."""
+    """Writes the GPUHealthy condition of one Node when it changes, and as a heartbeat, and
+    keeps the Node's GPU UUIDs annotation equal to the GPUs sampled."""
 
     def __init__(
         self,
@@ -94,13 +109,23 @@ class NodeConditionPublisher:
         self._written: Condition | None = None
         self._written_at_s = 0.0
         self._transition: tuple[str, str] | None = None  # (status, lastTransitionTime)
+        # The annotation as the Node holds it; None: none there, or not known (not read yet,
+        # or a write failed), so it is written.
+        self._gpu_uuids_on_node: str | None = None
 
     def publish(self, verdicts: Mapping[str, health.Verdict]) -> bool:
-        """Write the condition if it changed or its heartbeat is due; True if written.
+        """Write the condition if it changed or its heartbeat is due, then the annotation if
+        the GPUs of `verdicts` (UUID -> verdict) are not the ones the Node lists; True if
+        either was written.
 
-        Raises MeteringError when the API server refuses or cannot be reached; the next
-        call tries again.
+        Raises MeteringError when the API server refuses or cannot be reached; the next call
+        tries again. A failed condition write leaves the annotation for the next call too.
         """
+        condition_written = self._publish_condition(verdicts)
+        uuids_written = self._publish_gpu_uuids(node_signals.format_gpu_uuids(verdicts))
+        return condition_written or uuids_written
+
+    def _publish_condition(self, verdicts: Mapping[str, health.Verdict]) -> bool:
         wanted = gpu_condition(verdicts)
         now_s = self.clock()
         if wanted == self._written and now_s - self._written_at_s < self.heartbeat_s:
@@ -108,7 +133,7 @@ class NodeConditionPublisher:
         now = timefmt.format_utc(int(now_s))
         try:
             if self._transition is None:
-                self._transition = self._current_transition()
+                self._transition, self._gpu_uuids_on_node = self._read_node()
             if self._transition is None or self._transition[0] != wanted.status:
                 self._transition = (wanted.status, now)
             body = {
@@ -145,14 +170,39 @@ class NodeConditionPublisher:
         self._written, self._written_at_s = wanted, now_s
         return True
 
-    def _current_transition(self) -> tuple[str, str] | None:
-        """The status and transition time of the condition as the Node holds it now."""
+    def _publish_gpu_uuids(self, gpu_uuids: str) -> bool:
+        if gpu_uuids == self._gpu_uuids_on_node:
+            return False
+        body = {"metadata": {"annotations": {ANNOTATION_GPU_UUIDS: gpu_uuids}}}
+        try:
+            self.api.patch_node(
+                self.node_name,
+                body,
+                _content_type=MERGE_PATCH,
+                _request_timeout=REQUEST_TIMEOUT_S,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            self.errors += 1
+            self._gpu_uuids_on_node = None  # the write may have landed or not: write it again
+            raise errors.MeteringError(
+                f"cannot write the {ANNOTATION_GPU_UUIDS} annotation of node {self.node_name}: "
+                f"{_describe(exc)}"
+            ) from exc
+        logger.info("node %s: %s=%s", self.node_name, ANNOTATION_GPU_UUIDS, gpu_uuids)
+        self._gpu_uuids_on_node = gpu_uuids
+        return True
+
+    def _read_node(self) -> tuple[tuple[str, str] | None, str | None]:
+        """The status and transition time of the condition as the Node holds it now, and the
+        annotation's text (None: the Node has none)."""
         node = self.api.read_node_status(self.node_name, _request_timeout=REQUEST_TIMEOUT_S)
+        annotations = (node.metadata and node.metadata.annotations) or {}
+        gpu_uuids = annotations.get(ANNOTATION_GPU_UUIDS)
         for condition in (node.status and node.status.conditions) or ():
             if condition.type == CONDITION_TYPE and condition.last_transition_time is not None:
                 at = int(condition.last_transition_time.timestamp())
-                return condition.status, timefmt.format_utc(at)
-        return None
+                return (condition.status, timefmt.format_utc(at)), gpu_uuids
+        return None, gpu_uuids
 
     def run(
         self,

@@ -62,8 +62,9 @@ class ServerSettings(BaseModel):
 class NodeConditionSettings(BaseModel):
     enabled: bool = Field(
         default=True,
-        description="Publish GPU health as the Node condition GPUHealthy (needs RBAC: get and "
-        "patch on nodes/status).",
+        description="Publish GPU health as the Node condition GPUHealthy and the GPUs' UUIDs as "
+        "the Node annotation gpudelivery.io/gpu-uuids (needs RBAC: get and patch on nodes/status, "
+        "patch on nodes).",
     )
     interval_s: int = Field(
         default=5, ge=1, le=300, description="Seconds between checks of the GPUs' verdicts."

@@ -8,9 +8,9 @@ taint another writer added in between must not be lost. Applying an action's pat
 node that already shows it changes nothing: the actions are idempotent.
 
 Where the planner learns a node's GPUs: the annotation `ANNOTATION_GPU_UUIDS` (comma
-separated UUIDs), which the metering agent on the node is to publish next to its
-`GPUHealthy` condition; a node without it is never handed over (its GPUs cannot be put in
-the ledger).
+separated UUIDs, gpudelivery/node_signals.py), which the metering agent on the node publishes
+next to its `GPUHealthy` condition (metering/node_condition.py); a node without it is never
+handed over (its GPUs cannot be put in the ledger).
 
 Not here: reading and writing through the client (operator/cluster.py), deciding.
 """
@@ -21,14 +21,15 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpudelivery import node_signals
 from gpudelivery.operator import actions, claims, resources
 
 __all__ = ["ANNOTATION_GPU_UUIDS", "CONDITION_GPU_HEALTHY", "facts", "is_quarantined", "patch"]
 
 # The node annotation listing the node's GPU UUIDs (set by the metering agent).
-ANNOTATION_GPU_UUIDS = "gpudelivery.io/gpu-uuids"
+ANNOTATION_GPU_UUIDS = node_signals.ANNOTATION_GPU_UUIDS
 # The node condition the metering agent sets (metering/node_condition.py).
-CONDITION_GPU_HEALTHY = "GPUHealthy"
+CONDITION_GPU_HEALTHY = node_signals.CONDITION_GPU_HEALTHY
 # A mirror (static) pod carries this annotation; the kubelet owns it, eviction cannot move it.
 _MIRROR_POD = "kubernetes.io/config.mirror"
 
@@ -46,7 +47,6 @@ def facts(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> claims.
     }
     ready = conditions.get("Ready", {})
     healthy = conditions.get(CONDITION_GPU_HEALTHY, {}).get("status")
-    uuids = annotations.get(ANNOTATION_GPU_UUIDS, "")
     return claims.NodeFacts(
         name=str(metadata.get("name")),
         block=labels.get(resources.LABEL_BLOCK),
@@ -61,7 +61,7 @@ def facts(node: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> claims.
         contract_taint=next(
             (t.get("value") for t in taints if t.get("key") == resources.TAINT_CONTRACT), None
         ),
-        gpu_uuids=tuple(sorted(uuid for uuid in uuids.split(",") if uuid)),
+        gpu_uuids=node_signals.parse_gpu_uuids(annotations.get(ANNOTATION_GPU_UUIDS)),
         pods=tuple(sorted((_pod(pod) for pod in pods), key=lambda p: (p.namespace, p.name))),
     )
 
