@@ -7,6 +7,14 @@ instant may the GPUs of the overlapping live contracts exceed what the provider 
 (`Capacity`, written by the operator from its pools), so an exchange never sells what the
 provider cannot deliver. `free_capacity` answers what is still free over a span.
 
+The operator also *registers* contracts a provider applied on its cluster with `kubectl`
+(`register_contract`): the cluster has already booked (or rejected) them against its pools,
+so registration records them without a capacity check, and they count against capacity from
+then on. The operator's principal is their exchange of record, and their idempotency key is
+`registration_key(contract_id)`, a reserved form no exchange may send: that is how
+`origin_of` tells them apart without a column of their own. The operator that registered
+a contract may cancel it before its start, as an exchange cancels the contracts it sent.
+
 The holder of a contract is the terms' buyer until a transfer moves it at a given instant
 (the secondary market); the holder *now* decides who may read it. Service functions are
 keyword-only, take the session and never commit: the route owns the transaction.
@@ -14,11 +22,12 @@ keyword-only, take the session and never commit: the route owns the transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlmodel import Session, col, or_, select
+from sqlmodel import Session, col, func, or_, select
 
 from gpudelivery import canonical, timefmt
 from gpudelivery import errors as core_errors
@@ -30,6 +39,8 @@ from gpudelivery.api.models import Capacity, Contract, ContractTransfer
 __all__ = [
     "BOOKED",
     "CANCELLED",
+    "ORIGIN_CLUSTER",
+    "ORIGIN_EXCHANGE",
     "Free",
     "cancel_contract",
     "create_contract",
@@ -37,6 +48,9 @@ __all__ = [
     "free_capacity",
     "get_contract",
     "list_contracts",
+    "origin_of",
+    "register_contract",
+    "registration_key",
     "set_capacity",
     "transfer_contract",
 ]
@@ -45,6 +59,12 @@ __all__ = [
 BOOKED = "booked"
 CANCELLED = "cancelled"
 LIVE_STATUSES = frozenset({BOOKED})
+# Where a contract came from: sent by an exchange, or registered by the operator from a
+# ComputeContract a provider applied on its cluster.
+ORIGIN_EXCHANGE = "exchange"
+ORIGIN_CLUSTER = "cluster"
+# The idempotency keys of registered contracts start with this; exchanges may not send it.
+REGISTERED_KEY_PREFIX = "cluster:"
 
 
 def _terms(data: object) -> core_terms.ContractTerms:
@@ -60,6 +80,19 @@ def _canonical_terms(terms: core_terms.ContractTerms) -> str:
 
 def terms_of(contract: Contract) -> core_terms.ContractTerms:
     return core_terms.parse_terms(json.loads(contract.terms))
+
+
+def registration_key(contract_id: str) -> str:
+    """The idempotency key of a registered contract: the reserved prefix and a SHA-256 of
+    the id (an id may be 128 characters, as long as the column; its hash always fits)."""
+    return REGISTERED_KEY_PREFIX + hashlib.sha256(contract_id.encode("utf-8")).hexdigest()
+
+
+def origin_of(contract: Contract) -> str:
+    """`ORIGIN_CLUSTER` for a contract the operator registered, else `ORIGIN_EXCHANGE`."""
+    if contract.idempotency_key == registration_key(contract.id):
+        return ORIGIN_CLUSTER
+    return ORIGIN_EXCHANGE
 
 
 # -- capacity ---------------------------------------------------------------------------------
@@ -141,6 +174,11 @@ def create_contract(
     """The contract for these terms and key, and whether it was created just now."""
     if not 0 < len(idempotency_key) <= 128:
         raise errors.ApiError("Idempotency-Key: must be 1 to 128 characters")
+    if idempotency_key.startswith(REGISTERED_KEY_PREFIX):
+        raise errors.ApiError(
+            f"Idempotency-Key: the prefix {REGISTERED_KEY_PREFIX!r} is reserved for contracts "
+            "registered from the cluster"
+        )
     terms = _terms(data)
     canonical_terms = _canonical_terms(terms)
     earlier = session.exec(
@@ -178,6 +216,61 @@ def create_contract(
     )
     session.add(contract)
     return contract, True
+
+
+def register_contract(
+    session: Session, *, registrar: Principal, contract_id: str, data: object, now_s: int
+) -> tuple[Contract, bool]:
+    """The contract a provider applied on its cluster, recorded with `registrar` (the
+    operator) as its exchange of record, and whether it was recorded just now.
+
+    Idempotent: a contract already held with the same canonical terms is answered as it is,
+    whoever sent it (the cluster and the API agree); other terms under its id are refused
+    naming each field that differs, and nothing is overwritten. No capacity check: the
+    cluster's pools have already decided the booking."""
+    terms = _terms(data)
+    if terms.contract_id != contract_id:
+        raise errors.UnprocessableError(
+            f"contract_id: {terms.contract_id!r} is not the path's contract id {contract_id!r}"
+        )
+    canonical_terms = _canonical_terms(terms)
+    held = session.get(Contract, contract_id)
+    if held is not None:
+        if held.terms != canonical_terms:
+            raise errors.ConflictError(
+                f"contract {contract_id} exists with other terms: "
+                + "; ".join(_differences(json.loads(held.terms), terms.to_json()))
+            )
+        return held, False
+    contract = Contract(
+        id=terms.contract_id,
+        exchange=registrar.name,
+        holder=terms.buyer,
+        instrument=terms.instrument,
+        gpu_count=terms.gpu_count,
+        start_s=terms.start,
+        end_s=terms.end,
+        terms=canonical_terms,
+        status=BOOKED,
+        idempotency_key=registration_key(terms.contract_id),
+        created_at=now_s,
+    )
+    session.add(contract)
+    return contract, True
+
+
+def _differences(held: object, sent: dict[str, object]) -> list[str]:
+    """`field is <held>, not <sent>` for each field of the terms that differs."""
+    stored = held if isinstance(held, dict) else {}
+    return [
+        f"{field} is {_shown(stored.get(field))}, not {_shown(sent.get(field))}"
+        for field in sorted(set(stored) | set(sent))
+        if stored.get(field) != sent.get(field)
+    ]
+
+
+def _shown(value: object) -> str:
+    return "absent" if value is None else json.dumps(value, sort_keys=True)
 
 
 def _transfers(session: Session, contract_id: str) -> Sequence[ContractTransfer]:
@@ -237,7 +330,11 @@ def list_contracts(
             ContractTransfer.to_holder == principal.name
         )
         query = query.where(or_(Contract.holder == principal.name, col(Contract.id).in_(ever_held)))
-    elif principal.role not in (Role.ADMIN, Role.OPERATOR):
+    elif principal.role in (Role.ADMIN, Role.OPERATOR):
+        # They see every contract: the database pages, and nothing is read to be dropped.
+        count = session.exec(select(func.count()).select_from(query.subquery())).one()
+        return list(session.exec(query.offset(offset).limit(limit)).all()), count
+    else:
         return [], 0
     visible = [
         contract
@@ -256,11 +353,27 @@ def _owned_by_exchange(
     return contract
 
 
+def _may_cancel(session: Session, principal: Principal, contract_id: str, now_s: int) -> Contract:
+    contract = get_contract(session, principal=principal, contract_id=contract_id, now_s=now_s)
+    if principal.role in (Role.ADMIN, Role.EXCHANGE):
+        return contract  # an exchange sees only the contracts it sent
+    registered_by_caller = (
+        origin_of(contract) == ORIGIN_CLUSTER and contract.exchange == principal.name
+    )
+    if principal.role is Role.OPERATOR and registered_by_caller:
+        return contract
+    raise errors.ForbiddenError(
+        "only the exchange that sent a contract, or the operator that registered it from "
+        "its cluster, may cancel it"
+    )
+
+
 def cancel_contract(
     session: Session, *, principal: Principal, contract_id: str, now_s: int
 ) -> Contract:
-    """Cancel before delivery starts; cancelling twice answers the cancelled contract."""
-    contract = _owned_by_exchange(session, principal, contract_id, now_s)
+    """Cancel before delivery starts (its exchange, or the operator that registered it);
+    cancelling twice answers the cancelled contract."""
+    contract = _may_cancel(session, principal, contract_id, now_s)
     if contract.status == CANCELLED:
         return contract
     if now_s >= contract.start_s:

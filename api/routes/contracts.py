@@ -53,7 +53,14 @@ class TermsIn(BaseModel):
 
 class ContractPublic(BaseModel):
     contract_id: str
-    exchange: str
+    exchange: str = Field(
+        description="Who sent it: the exchange, or for a contract registered from the "
+        "cluster, the operator that registered it."
+    )
+    origin: str = Field(
+        description="`exchange` (sent by an exchange) or `cluster` (applied on the "
+        "provider's cluster and registered by the operator)."
+    )
     holder: str | None
     instrument: str
     gpu_count: int
@@ -105,6 +112,7 @@ def _public(session: SessionDep, contract: Contract, now_s: int) -> ContractPubl
     return ContractPublic(
         contract_id=contract.id,
         exchange=contract.exchange,
+        origin=contracts.origin_of(contract),
         holder=contracts.current_holder(session, contract, now_s=now_s),
         instrument=contract.instrument,
         gpu_count=contract.gpu_count,
@@ -148,6 +156,38 @@ def create_contract(
     return _public(session, contract, now_s)
 
 
+@router.put(
+    "/v1/contracts/{contract_id}",
+    response_model=ContractPublic,
+    status_code=status.HTTP_201_CREATED,
+    summary="Register a contract a provider applied on its cluster (operator; idempotent).",
+    responses={
+        200: {"description": "Held with the same terms already: that contract."},
+        409: {"description": "Held with other terms: the detail names each difference."},
+    },
+)
+def register_contract(
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    response: Response,
+    contract_id: params.ContractIdPath,
+    terms: Annotated[TermsIn, Body(description="The contract's terms (SETTLEMENT.md).")],
+) -> ContractPublic:
+    auth.require(principal, Role.OPERATOR)
+    now_s = params.now_s()
+    contract, created = contracts.register_contract(
+        session,
+        registrar=principal,
+        contract_id=contract_id,
+        data=terms.model_dump(exclude_none=True),
+        now_s=now_s,
+    )
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return _public(session, contract, now_s)
+
+
 @router.get("/v1/contracts", response_model=ContractsPublic, summary="The contracts you may see.")
 def list_contracts(
     session: SessionDep,
@@ -182,7 +222,8 @@ def get_contract(
 @router.post(
     "/v1/contracts/{contract_id}/cancel",
     response_model=ContractPublic,
-    summary="Cancel a contract before its delivery starts (its exchange).",
+    summary="Cancel a contract before its delivery starts (its exchange, or the operator "
+    "that registered it).",
     responses=params.NOT_FOUND,
 )
 def cancel_contract(

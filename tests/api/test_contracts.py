@@ -323,3 +323,187 @@ def test_a_transfer_before_a_recorded_one_or_after_the_end_is_refused(
     )
     assert naive.status_code == 422
     assert naive.json()["detail"].startswith("at: ")
+
+
+# -- contracts registered from the cluster ---------------------------------------------------
+
+
+def register(client: TestClient, headers: dict[str, str], document: dict[str, Any]) -> Any:
+    return client.put(f"/v1/contracts/{document['contract_id']}", json=document, headers=headers)
+
+
+def test_the_operator_registers_a_cluster_contract_once(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    document = terms("K-1")
+    first = register(client, headers["operator"], document)
+    again = register(client, headers["operator"], document)
+    assert (first.status_code, again.status_code) == (201, 200), first.text
+    registered = first.json()
+    assert again.json() == registered
+    assert (registered["exchange"], registered["origin"], registered["holder"]) == (
+        "operator",
+        "cluster",
+        "acme-ai",
+    )
+    assert (registered["status"], registered["terms"]["gpu_count"]) == ("booked", 16)
+    seen = {
+        role: client.get("/v1/contracts/K-1", headers=headers[role]).status_code
+        for role in ("admin", "operator", "buyer", "exchange", "other_buyer")
+    }
+    assert seen == {"admin": 200, "operator": 200, "buyer": 200, "exchange": 404,
+                    "other_buyer": 404}  # fmt: skip
+
+
+def test_registering_other_terms_under_a_held_id_is_refused_naming_the_differences(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    register(client, headers["operator"], terms("K-1"))
+    changed = {**terms("K-1", gpus=8), "price_per_gpu_hour": "3.00"}
+    answer = register(client, headers["operator"], changed)
+    assert (answer.status_code, answer.json()) == (
+        409,
+        {
+            "detail": "contract K-1 exists with other terms: gpu_count is 16, not 8; "
+            'price_per_gpu_hour is "2.50", not "3.00"'
+        },
+    )
+    held = client.get("/v1/contracts/K-1", headers=headers["admin"]).json()
+    assert (held["gpu_count"], held["terms"]["price_per_gpu_hour"]) == (16, "2.50")
+
+
+def test_registering_an_exchanges_contract_answers_it_and_never_overwrites_it(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    sent = send(client, headers["exchange"], terms("EX-1")).json()
+    same = register(client, headers["operator"], terms("EX-1"))
+    assert (same.status_code, same.json()) == (200, sent)
+    assert sent["origin"] == "exchange"
+    other = register(client, headers["operator"], terms("EX-1", buyer=None))
+    assert (other.status_code, other.json()) == (
+        409,
+        {"detail": 'contract EX-1 exists with other terms: buyer is "acme-ai", not absent'},
+    )
+
+
+def test_a_registered_contracts_id_must_be_the_paths(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    answer = client.put("/v1/contracts/K-2", json=terms("K-1"), headers=headers["operator"])
+    assert (answer.status_code, answer.json()) == (
+        422,
+        {"detail": "contract_id: 'K-1' is not the path's contract id 'K-2'"},
+    )
+    invalid = client.put(
+        "/v1/contracts/K-1", json={**terms("K-1"), "gpu_count": 0}, headers=headers["operator"]
+    )
+    assert (invalid.status_code, invalid.json()) == (
+        422,
+        {"detail": "body.gpu_count: Input should be greater than or equal to 1"},
+    )
+    assert client.get("/v1/contracts", headers=headers["admin"]).json()["count"] == 0
+
+
+def test_only_the_operator_registers_cluster_contracts(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    answers = {
+        role: register(client, headers[role], terms("K-1"))
+        for role in ("exchange", "buyer", "meter")
+    }
+    assert {role: answer.status_code for role, answer in answers.items()} == {
+        "exchange": 403,
+        "buyer": 403,
+        "meter": 403,
+    }
+    assert answers["exchange"].json() == {
+        "detail": "this needs the role operator; the key is exchange"
+    }
+
+
+def test_a_registered_contract_skips_the_capacity_check_but_counts_against_capacity(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    assert send(client, headers["exchange"], terms("EX-1", gpus=32)).status_code == 201
+    # The cluster booked it against its own pools already: the API records it.
+    assert register(client, headers["operator"], terms("K-1", gpus=8)).status_code == 201
+    cancelled = client.post("/v1/contracts/EX-1/cancel", headers=headers["exchange"])
+    assert cancelled.status_code == 200
+    refused = send(client, headers["exchange"], terms("EX-2", gpus=32), key="k-2")
+    assert refused.json() == {
+        "detail": "oversold: 32 GPUs of H100-SXM-80GB asked, 24 free over the whole window"
+    }
+
+
+def test_the_operator_cancels_only_the_contracts_it_registered(
+    client: TestClient, headers: dict[str, dict[str, str]], token_for: Tokens
+) -> None:
+    register(client, headers["operator"], terms("K-1", gpus=32))
+    send(client, headers["exchange"], terms("EX-1", gpus=8, start_in_h=100))
+    forbidden = client.post("/v1/contracts/EX-1/cancel", headers=headers["operator"])
+    other_operator = token_for("operator-eu", Role.OPERATOR)
+    not_its_own = client.post("/v1/contracts/K-1/cancel", headers=other_operator)
+    detail = (
+        "only the exchange that sent a contract, or the operator that registered it from its "
+        "cluster, may cancel it"
+    )
+    assert (forbidden.status_code, forbidden.json()) == (403, {"detail": detail})
+    assert (not_its_own.status_code, not_its_own.json()) == (403, {"detail": detail})
+    cancelled = client.post("/v1/contracts/K-1/cancel", headers=headers["operator"])
+    assert cancelled.status_code == 200, cancelled.text
+    assert (cancelled.json()["status"], cancelled.json()["origin"]) == ("cancelled", "cluster")
+    # Cancelled before its start: its booking is released.
+    assert send(client, headers["exchange"], terms("EX-2", gpus=32), key="k-2").status_code == 201
+    statuses = {
+        c["contract_id"]: c["status"]
+        for c in client.get("/v1/contracts", headers=headers["admin"]).json()["data"]
+    }
+    assert statuses == {"K-1": "cancelled", "EX-2": "booked", "EX-1": "booked"}
+
+
+def test_a_started_registered_contract_cannot_be_cancelled(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    register(client, headers["operator"], terms("K-1", start_in_h=-1, hours=4))
+    answer = client.post("/v1/contracts/K-1/cancel", headers=headers["operator"])
+    assert answer.status_code == 409
+    assert answer.json()["detail"].endswith("it can no longer be cancelled")
+
+
+def test_exchanges_may_not_use_the_idempotency_keys_of_registered_contracts(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    answer = send(client, headers["exchange"], terms(), key="cluster:anything")
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {
+            "detail": "Idempotency-Key: the prefix 'cluster:' is reserved for contracts "
+            "registered from the cluster"
+        },
+    )
+
+
+def test_the_operator_pages_through_every_contract(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    for index in range(5):
+        document = terms(f"EX-{index}", gpus=1, start_in_h=48 + index)
+        assert send(client, headers["exchange"], document, key=f"k-{index}").status_code == 201
+    register(client, headers["operator"], terms("K-1", gpus=1, start_in_h=50))
+    pages = [
+        client.get(
+            "/v1/contracts", params={"offset": offset, "limit": 2}, headers=headers["operator"]
+        ).json()
+        for offset in (0, 2, 4, 6)
+    ]
+    assert [page["count"] for page in pages] == [6, 6, 6, 6]
+    assert [[c["contract_id"] for c in page["data"]] for page in pages] == [
+        ["EX-0", "EX-1"],
+        ["EX-2", "K-1"],
+        ["EX-3", "EX-4"],
+        [],
+    ]
+    booked = client.get(
+        "/v1/contracts", params={"status": "cancelled"}, headers=headers["operator"]
+    ).json()
+    assert booked == {"data": [], "count": 0}

@@ -24,6 +24,8 @@ Tokens = Callable[[str, Role], dict[str, str]]
 # (method, path template) -> expected status per role, in ROLES order.
 MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/v1/contracts/{contract_id}"): (200, 200, 200, 404, 200, 404, 404),
+    # Registering the same terms again answers the held contract, whoever sent it.
+    ("PUT", "/v1/contracts/{contract_id}"): (200, 200, 403, 403, 403, 403, 403),
     ("POST", "/v1/contracts/{contract_id}/cancel"): (200, 403, 200, 404, 403, 404, 404),
     ("POST", "/v1/contracts/{contract_id}/transfers"): (201, 403, 201, 404, 403, 404, 404),
     ("GET", "/v1/contracts/{contract_id}/assignments"): (200, 200, 200, 404, 200, 404, 404),
@@ -67,8 +69,8 @@ def world(client: TestClient, token_for: Tokens) -> dict[str, Any]:
     return {"headers": headers, "start": start}
 
 
-def new_contract(client: TestClient, world: dict[str, Any], contract_id: str) -> None:
-    document = {
+def contract_terms(world: dict[str, Any], contract_id: str) -> dict[str, Any]:
+    return {
         "contract_id": contract_id,
         "buyer": "acme-ai",
         "instrument": "H100-SXM-80GB",
@@ -78,6 +80,10 @@ def new_contract(client: TestClient, world: dict[str, Any], contract_id: str) ->
         "price_per_gpu_hour": "2.00",
         "currency": "USD",
     }
+
+
+def new_contract(client: TestClient, world: dict[str, Any], contract_id: str) -> None:
+    document = contract_terms(world, contract_id)
     headers = {**world["headers"]["exchange"], "Idempotency-Key": contract_id}
     assert client.post("/v1/contracts", json=document, headers=headers).status_code == 201
 
@@ -116,7 +122,9 @@ def call(client: TestClient, world: dict[str, Any], method: str, template: str,
         contract_id = f"EX-{role}-{template.rsplit('/', 1)[-1].strip('{}')}"
         new_contract(client, world, contract_id)
         path = template.replace("{contract_id}", contract_id)
-        if template.endswith("/transfers"):
+        if method == "PUT":
+            body = contract_terms(world, contract_id)
+        elif template.endswith("/transfers"):
             body = {"to_holder": "initech", "at": start}
         elif template.endswith("/assignments") and method == "POST":
             body = {"assignments": [{"node": "n", "gpu_uuid": "GPU-a", "start": start}]}
