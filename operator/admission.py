@@ -37,19 +37,19 @@ Not here: what a pod gets (operator/pinning.py).
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import datetime
 import importlib.metadata
 import ipaddress
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Collection, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
+from typing import Any, cast
 
 import kopf
 import kubernetes
 import tenacity
-import urllib3
+import urllib3.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -162,12 +162,16 @@ class PinningServer(kopf.WebhookServer):
         api_client.user_agent = USER_AGENT
         api = kubernetes.client.AdmissionregistrationV1Api(api_client)
         try:
-            async for served in super().__call__(fn):
-                body = configuration_body(client_config(served, self.host))
-                async for attempt in _retrying():
-                    with attempt:
-                        await asyncio.to_thread(_write_configuration, api, body)
-                yield served
+            # kopf's server is an async generator (annotated as an iterator): closing it
+            # stops serving even when writing the configuration failed.
+            server = cast(AsyncGenerator[kopf.WebhookClientConfig, None], super().__call__(fn))
+            async with contextlib.aclosing(server) as serving:
+                async for served in serving:
+                    body = configuration_body(client_config(served, self.host))
+                    async for attempt in _retrying():
+                        with attempt:
+                            await asyncio.to_thread(_write_configuration, api, body)
+                    yield served
         finally:
             api_client.close()  # type: ignore[no-untyped-call]
 
@@ -214,8 +218,8 @@ class PinningServer(kopf.WebhookServer):
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
             )
@@ -294,8 +298,9 @@ def _write_configuration(
 ) -> None:
     """Create the configuration, or write its webhooks whole over the existing one (a JSON
     merge patch replaces a list; a strategic one would merge the webhooks by name)."""
+    model = kubernetes.client.V1MutatingWebhookConfiguration.model_validate(dict(body))
     try:
-        api.create_mutating_webhook_configuration(dict(body))
+        api.create_mutating_webhook_configuration(model)
     except kubernetes.client.ApiException as exc:
         if exc.status != _CONFLICT:
             raise

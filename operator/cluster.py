@@ -148,6 +148,24 @@ class Cluster:
         serialize = self._api_client.sanitize_for_serialization
         return [cast(dict[str, Any], serialize(item)) for item in found]  # type: ignore[no-untyped-call]
 
+    def create_contract(self, body: Mapping[str, Any]) -> bool:
+        """Create a ComputeContract; False when one of its name exists already."""
+        try:
+            self._custom.create_cluster_custom_object(
+                resources.GROUP, resources.VERSION, resources.CONTRACTS, dict(body)
+            )
+        except ApiException as exc:
+            if exc.status == _CONFLICT:
+                return False
+            raise
+        return True
+
+    def patch_contract(self, name: str, patch: Mapping[str, Any]) -> None:
+        """Merge `patch` into the ComputeContract `name` (its spec or metadata)."""
+        self._custom.patch_cluster_custom_object(
+            resources.GROUP, resources.VERSION, resources.CONTRACTS, name, dict(patch)
+        )
+
     def patch_contract_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge `status` into the ComputeContract's status (its status subresource); the
         contract as written."""

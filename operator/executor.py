@@ -70,8 +70,12 @@ class Tenancy(Protocol):
     """The buyers' namespaces (operator/buyers.py): made while a window is open, deleted
     after it."""
 
-    def ensure(self, contract_name: str, buyer: str, gpus: int, end_s: int, now_s: int) -> None:
-        """Make whatever of the contract's namespace and its objects is missing."""
+    def ensure(
+        self, contract_name: str, buyer: str, gpus: int, end_s: int, now_s: int
+    ) -> Sequence[str]:
+        """Make whatever of the contract's namespace and its objects is missing; what it
+        wrote (`<resource>/<name>`). `errors.NamespaceTerminatingError` while the namespace
+        of an earlier window is still being deleted."""
 
     def remove(self, contract_name: str) -> None:
         """Delete the contract's namespace (done when there is none)."""
@@ -234,9 +238,18 @@ class PoolDelivery:
         namespace = resources.namespace_name(contract.name)
         if plan.buyer_namespace and namespace not in state.namespaces:
             window = contract.terms
-            self._tenancy.ensure(
-                contract.name, window.buyer or "", window.gpu_count, window.end, int(self._clock())
-            )
+            try:
+                written = self._tenancy.ensure(
+                    contract.name,
+                    window.buyer or "",
+                    window.gpu_count,
+                    window.end,
+                    int(self._clock()),
+                )
+            except errors.NamespaceTerminatingError as exc:
+                self._logger.info("contract %s: %s; creating it later", contract.name, exc)
+                return  # the nodes go on being prepared meanwhile
+            self._logger.info("contract %s: namespace %s: %s", contract.name, namespace, written)
             state.namespaces[namespace] = contract.name
         elif not plan.buyer_namespace and namespace in state.namespaces:
             self._tenancy.remove(contract.name)

@@ -32,6 +32,8 @@ from gpudelivery.operator import (
     cluster,
     executor,
     ledger,
+    mirror,
+    mirroring,
     nodes,
     resources,
 )
@@ -46,6 +48,8 @@ __all__ = ["Runtime", "register"]
 EVENT_BOOKED = "Booked"
 EVENT_REJECTED = "Rejected"
 EVENT_LEDGER_REFUSED = "LedgerRefused"
+# The ComputeContract CRD, on whose timer contracts are mirrored with the API.
+CONTRACTS_CRD = f"{resources.CONTRACTS}.{resources.GROUP}"
 # The ComputeContract condition saying whether the API holds the ledger as the status does.
 CONDITION_LEDGER_REPORTED = "LedgerReported"
 
@@ -63,6 +67,10 @@ class Runtime:
     tenancy: executor.Tenancy | None = None
     # Reports the assignment ledger to the API; None when no API is configured.
     ledger: ledger.LedgerClient | None = None
+    # Reads and registers contracts at the API (mirroring); None when no API is configured.
+    contracts: mirror.ContractsClient | None = None
+    # The mirroring findings announced already (resource, message): each is posted once.
+    announced: set[tuple[str, str]] = field(default_factory=set)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
@@ -98,6 +106,19 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             interval=settings.api.sync_interval_s,
             id="ledger",
         )(report_ledger)
+        # The mirror is the cluster's, not any one object's: it runs on the timer of the
+        # ComputeContract CRD, which exists while the operator has work, and which kopf's
+        # peering pauses on the replicas that are not active, as any handler.
+        kopf.timer(
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            registry=registry,
+            interval=settings.api.sync_interval_s,
+            field="metadata.name",
+            value=CONTRACTS_CRD,
+            id="mirror",
+        )(mirror_contracts)
     admission.register(registry, settings)
 
 
@@ -274,3 +295,40 @@ def _ledger_condition(
     }
     others = [c for c in conditions if c.get("type") != CONDITION_LEDGER_REPORTED]
     return [*others, condition]
+
+
+def mirror_contracts(memo: Runtime, logger: kopf.Logger, **_: Any) -> None:
+    """Make the API and the cluster hold the same contracts (operator/mirroring.py)."""
+    if memo.contracts is None:
+        return
+    try:
+        held = memo.contracts.list_all()
+    except operator_errors.ApiUnavailableError as exc:
+        logger.info("contracts not mirrored this time: %s", exc)
+        return
+    plan = mirroring.plan(held, memo.cluster.contracts(), now_s=int(memo.clock()))
+    for body in plan.create:
+        if memo.cluster.create_contract(body):
+            logger.info("contract %s: created from the API", body["spec"]["contractId"])
+    for mark in plan.mark_cancelled:
+        memo.cluster.patch_contract(mark.resource, mark.patch())
+        logger.info("contract %s: cancelled at the API", mark.contract_id)
+    try:
+        for contract_terms in plan.register:
+            memo.contracts.register(contract_terms)
+            logger.info("contract %s: registered with the API", contract_terms.contract_id)
+        for contract_id in plan.cancel:
+            memo.contracts.cancel(contract_id)
+            logger.info("contract %s: cancellation sent to the API", contract_id)
+    except operator_errors.ApiUnavailableError as exc:
+        logger.info("contracts not all mirrored this time: %s", exc)
+    except operator_errors.ApiRefusedError as exc:
+        logger.warning("the API refused a mirrored contract: %s", exc)
+    for finding in plan.findings:
+        key = (finding.resource, finding.message)
+        if key not in memo.announced:
+            memo.announced.add(key)
+            _announce(
+                {"metadata": {"name": finding.resource}}, "Warning", finding.kind, finding.message
+            )
+            logger.warning("contract %s: %s", finding.resource, finding.message)

@@ -8,22 +8,25 @@ that one of them is active (high availability); `peering.standalone` runs one al
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.metadata
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import kopf
 import kubernetes
 
-from gpudelivery.operator import cluster, errors, handlers, ledger
+from gpudelivery.operator import buyers, cluster, errors, handlers, ledger, mirror
 from gpudelivery.operator.settings import OperatorSettings
 
 __all__ = ["USER_AGENT", "run", "serve"]
 
 # The setting holding the API key, as the user sets it (named in errors).
 _TOKEN_FILE = "GPUDELIVERY_OPERATOR_API__TOKEN_FILE"
+_BUYERS_CA_FILE = "GPUDELIVERY_OPERATOR_BUYERS__CA_FILE"
 
 # How the operator's own calls name themselves to the API server (kopf's say kopf/<version>).
 USER_AGENT = f"gpudelivery-operator/{importlib.metadata.version('gpudelivery')}"
@@ -40,12 +43,17 @@ async def serve(
     """Run the operator until `stop_flag` is set (or forever). It reaches the gpudelivery API
     through `api` when given (tests), else at `settings.api.url` when that is set."""
     token = _api_token(settings)
+    owned = api is None  # a client made here is closed here
     if api is None and settings.api.url is not None:
         api = httpx.Client(
             base_url=str(settings.api.url),
             timeout=settings.api.timeout_s,
             headers={"User-Agent": USER_AGENT},
         )
+    ledger_client = contracts_client = None
+    if api is not None and token is not None:
+        ledger_client = ledger.LedgerClient(api, token=token)
+        contracts_client = mirror.ContractsClient(api, token=token)
     config = cluster.configuration(settings.kubeconfig)
     api_client = kubernetes.client.ApiClient(config)
     api_client.user_agent = USER_AGENT
@@ -54,7 +62,13 @@ async def serve(
         settings=settings,
         connection=cluster.connection_info(config),
         clock=clock,
-        ledger=None if api is None or token is None else ledger.LedgerClient(api, token=token),
+        tenancy=buyers.BuyerNamespaces(
+            api_client,
+            server=settings.buyers.server or config.host,
+            ca_data=_buyer_ca(settings, config),
+        ),
+        ledger=ledger_client,
+        contracts=contracts_client,
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings)
@@ -70,8 +84,20 @@ async def serve(
         )
     finally:
         api_client.close()  # type: ignore[no-untyped-call]
-        if api is not None:
+        if owned and api is not None:
             api.close()
+
+
+def _buyer_ca(settings: OperatorSettings, config: kubernetes.client.Configuration) -> str | None:
+    """The CA certificate buyers' kubeconfigs carry (base64 PEM), or None: the API server's
+    certificate is then publicly trusted."""
+    path = settings.buyers.ca_file or (Path(config.ssl_ca_cert) if config.ssl_ca_cert else None)
+    if path is None:
+        return None
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise errors.OperatorError(f"{_BUYERS_CA_FILE} {path}: {exc.strerror}") from exc
 
 
 def _api_token(settings: OperatorSettings) -> str | None:

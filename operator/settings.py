@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ApiSettings",
+    "BuyerSettings",
     "OperatorSettings",
     "PeeringSettings",
     "TimingSettings",
@@ -45,6 +46,20 @@ class ApiSettings(BaseModel):
         if self.url is not None and self.token_file is None:
             raise ValueError("api.url needs api.token_file (an API key of role operator)")
         return self
+
+
+class BuyerSettings(BaseModel):
+    server: str | None = Field(
+        default=None,
+        description="The Kubernetes API server's URL as buyers reach it, written into their "
+        "kubeconfigs; unset: the address the operator itself uses (fine for a local cluster, "
+        "not for buyers outside it).",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="The CA certificate (PEM) buyers' kubeconfigs trust the API server by; "
+        "unset: the one the operator trusts, if any.",
+    )
 
 
 class PeeringSettings(BaseModel):
@@ -128,6 +143,7 @@ class OperatorSettings(BaseSettings):
     )
 
     api: ApiSettings = ApiSettings()
+    buyers: BuyerSettings = BuyerSettings()
     peering: PeeringSettings = PeeringSettings()
     timing: TimingSettings = TimingSettings()
     webhook: WebhookSettings = WebhookSettings()

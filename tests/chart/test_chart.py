@@ -71,7 +71,22 @@ def test_the_operators_role_names_every_group_resource_and_verb() -> None:
     }
     assert not {entry for entry in granted if "*" in entry}
     assert ("gpudelivery.io", "computecontracts/status", "patch") in granted
-    assert not {entry for entry in granted if entry[2] in ("delete", "deletecollection")}
+    # It deletes nothing but the buyers' namespaces it made.
+    deletes = {entry for entry in granted if entry[2] in ("delete", "deletecollection")}
+    assert deletes == {("", "namespaces", "delete")}
+    # It reads no Secret but the buyers' kubeconfigs, and binds no role but `edit`.
+    named = {
+        (rule["resources"][0], verb): rule.get("resourceNames")
+        for rule in role["rules"]
+        for verb in rule["verbs"]
+        if rule["resources"] in (["secrets"], ["clusterroles"])
+    }
+    assert named == {
+        ("secrets", "create"): None,
+        ("secrets", "get"): ["gpudelivery-buyer"],
+        ("secrets", "update"): ["gpudelivery-buyer"],
+        ("clusterroles", "bind"): ["edit"],
+    }
 
 
 def test_the_operator_runs_with_its_settings_and_reads_the_api_key_from_a_secret() -> None:

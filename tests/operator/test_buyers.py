@@ -54,11 +54,11 @@ def ensure(namespaces: buyers.BuyerNamespaces, end_s: int = END, now_s: int = NO
 
 
 def stored(cluster: Cluster) -> dict[tuple[str, str | None, str], dict[str, Any]]:
-    """Every object on the cluster, (plural, namespace, name) -> the object without the
-    fields the server writes."""
+    """Every object on the cluster but the chart's CRDs, (plural, namespace, name) -> the
+    object without the fields the server writes."""
     found = {}
     for (resource, namespace, name), obj in cluster.emulator.objects.items():
-        if not obj.deleted:
+        if not obj.deleted and resource.plural != "customresourcedefinitions":
             body = dict(obj.raw)
             body["metadata"] = {
                 key: value for key, value in body["metadata"].items() if key not in SERVER_FIELDS

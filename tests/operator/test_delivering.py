@@ -6,12 +6,13 @@ back and the ledger closed."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from kubernetes import client
 
 from gpudelivery import timefmt
-from gpudelivery.operator import claims, nodes, resources
+from gpudelivery.operator import claims, nodes, resources, tenancy
 
 from utils.factories import EPOCH
 from utils.operators import (
@@ -97,6 +98,30 @@ def intervals(node_name: str, start_s: int, end_s: int | None = None) -> list[di
     ]
 
 
+def namespaces(cluster: Cluster) -> list[str]:
+    return sorted(item.metadata.name for item in cluster.core.list_namespace().items)
+
+
+def namespace_objects(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """The buyer's quota, and the names of its secrets and service accounts."""
+    core = cluster.core
+    (quota,) = core.list_namespaced_resource_quota(namespace).items
+    return {
+        "quota": quota.spec.hard,
+        "secrets": sorted(
+            item.metadata.name for item in core.list_namespaced_secret(namespace).items
+        ),
+        "service accounts": sorted(
+            item.metadata.name for item in core.list_namespaced_service_account(namespace).items
+        ),
+    }
+
+
+def kubeconfig_of(cluster: Cluster, namespace: str) -> str:
+    secret = cluster.core.read_namespaced_secret(tenancy.KUBECONFIG_SECRET, namespace)
+    return base64.b64decode(secret.data["kubeconfig"]).decode()
+
+
 FREE = {"claimed-by": None, "label": None, "taints": [], "cordoned": False}
 
 
@@ -137,6 +162,16 @@ def test_a_contract_is_prepared_delivered_substituted_and_released(cluster: Clus
         ]
         assert ledger_of(cluster, name) == intervals("gpu-a1", START) + intervals("gpu-a2", START)
         assert len(contract_status(cluster, name)["gpus"]) == 16
+        namespace = resources.namespace_name(name)
+        assert contract_status(cluster, name)["namespace"] == namespace
+        assert namespace_objects(cluster, namespace) == {
+            "quota": {"requests.nvidia.com/gpu": "16"},
+            "secrets": [tenancy.KUBECONFIG_SECRET],
+            "service accounts": [tenancy.SERVICE_ACCOUNT],
+        }
+        ((token, issued),) = cluster.emulator.issued_tokens.items()
+        assert (issued.namespace, issued.expires.timestamp()) == (namespace, END)
+        assert f'token: "{token}"' in kubeconfig_of(cluster, namespace)
 
         clock.now_s = START + 1_200
         set_gpu_health(cluster, "gpu-a2", healthy=False, at_s=clock.now_s)
@@ -165,6 +200,7 @@ def test_a_contract_is_prepared_delivered_substituted_and_released(cluster: Clus
         assert all("end" in interval for interval in ledger_of(cluster, name))
         final = contract_status(cluster, name)
         assert {"nodes", "gpus", "namespace"}.isdisjoint(final)
+        poll(lambda: namespace not in namespaces(cluster))
         # 16 GPUs for the hour, less nothing: the substitute took over in the same second.
         assert final["deliveredGpuSeconds"] == 16 * 3_600
 

@@ -12,15 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
 from gpudelivery import errors as core_errors
 from gpudelivery import timefmt
-from gpudelivery.api import auth, migrations
-from gpudelivery.api.app import create_app
-from gpudelivery.api.settings import ApiSettings
+from gpudelivery.api import auth
 from gpudelivery.operator import errors, ledger
 
+from utils import apis
 from utils.factories import EPOCH, terms_json
 
 CONTRACT_ID = "EX-2026:03.1"  # a character the path escapes
@@ -32,29 +30,15 @@ GPU_B = "GPU-bbbbbbbb-0000-4000-8000-000000000000"
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
     """The API app over a fresh SQLite database, with a booked contract: the client and an
     operator key."""
-    database_url = f"sqlite:///{tmp_path / 'api.sqlite3'}"
-    migrations.upgrade(database_url)
-    settings = ApiSettings(
-        database_url=database_url,
-        provider_key_file=tmp_path / "provider.key",
-        jobs_enabled=False,
-    )
-    app = create_app(settings)
-    with TestClient(app) as client:
-        with Session(app.state.gpudelivery.engine) as session:
-            _, operator_key = auth.create_key(session, name="operator", role=auth.Role.OPERATOR)
-            _, exchange_key = auth.create_key(session, name="cme", role=auth.Role.EXCHANGE)
-            session.commit()
-        operator = {"Authorization": f"Bearer {operator_key}"}
-        client.put("/v1/capacity/H100-SXM-80GB", json={"gpus": 8}, headers=operator)
+    keys = {"operator": auth.Role.OPERATOR, "cme": auth.Role.EXCHANGE}
+    with apis.running_api(tmp_path, keys, capacity={"H100-SXM-80GB": 8}) as (client, tokens):
         created = client.post(
             "/v1/contracts",
             json=terms_json(contract_id=CONTRACT_ID),
-            headers={"Authorization": f"Bearer {exchange_key}", "Idempotency-Key": "k"},
+            headers={"Authorization": f"Bearer {tokens['cme']}", "Idempotency-Key": "k"},
         )
         assert created.status_code == 201, created.text
-        yield client, operator_key
-    app.state.gpudelivery.engine.dispose()
+        yield client, tokens["operator"]
 
 
 def stored(client: TestClient, token: str) -> list[dict[str, Any]]:

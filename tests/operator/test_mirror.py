@@ -17,14 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlmodel import Session
 
 from gpudelivery import terms, timefmt
-from gpudelivery.api import auth, migrations
-from gpudelivery.api.app import create_app
-from gpudelivery.api.settings import ApiSettings
+from gpudelivery.api import auth
 from gpudelivery.operator import errors, mirror, mirroring, resources
 
+from utils import apis
 from utils.factories import EPOCH, terms_json
 
 HOUR = 3600
@@ -349,33 +347,13 @@ def test_carrying_out_a_plan_leaves_nothing_to_do(
 def api_app(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
     """The API app over a fresh SQLite database: the client and tokens of an operator, a
     second operator and an exchange; the provider declares 64 H100s."""
-    database_url = f"sqlite:///{tmp_path / 'api.sqlite3'}"
-    migrations.upgrade(database_url)
-    settings_ = ApiSettings(
-        database_url=database_url,
-        provider_key_file=tmp_path / "provider.key",
-        jobs_enabled=False,
-    )
-    app = create_app(settings_)
-    with TestClient(app) as client:
-        with Session(app.state.gpudelivery.engine) as session:
-            tokens = {
-                name: auth.create_key(session, name=name, role=role)[1]
-                for name, role in (
-                    ("operator", auth.Role.OPERATOR),
-                    ("operator-eu", auth.Role.OPERATOR),
-                    ("cme", auth.Role.EXCHANGE),
-                )
-            }
-            session.commit()
-        answer = client.put(
-            "/v1/capacity/H100-SXM-80GB",
-            json={"gpus": 64},
-            headers={"Authorization": f"Bearer {tokens['operator']}"},
-        )
-        assert answer.status_code == 200, answer.text
-        yield client, tokens
-    app.state.gpudelivery.engine.dispose()
+    keys = {
+        "operator": auth.Role.OPERATOR,
+        "operator-eu": auth.Role.OPERATOR,
+        "cme": auth.Role.EXCHANGE,
+    }
+    with apis.running_api(tmp_path, keys, capacity={"H100-SXM-80GB": 64}) as running:
+        yield running
 
 
 def future_terms(contract_id: str, *, start_in_h: int = 24, **overrides: Any) -> dict[str, Any]:

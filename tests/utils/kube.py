@@ -5,7 +5,8 @@ adds, by subclassing as kmock's docs invite, what the components rely on, so the
 tested against the API server's behaviour rather than a dictionary's:
 
 - **Resources.** The built-in resources kmock bundles (with their scope and subresources)
-  and the CRDs of the chart (charts/gpudelivery/crds) are declared from the start; a CRD
+  and the CRDs of the chart (charts/gpudelivery/crds) are stored and served from the start
+  (as `helm install` leaves them); a CRD
   created through the API is served from then on. Anything else answers 404. kmock cannot
   parse the `namespaces` resource itself (`/api/v1/namespaces` fails, `/namespaces/x` reads
   as "namespace x"): requests are routed by `parse_route()` on their real path instead.

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from kubernetes import client
 
 from gpudelivery import terms
 from gpudelivery.operator import nodes, resources, runner
 from gpudelivery.operator.settings import (
+    ApiSettings,
     OperatorSettings,
     PeeringSettings,
     TimingSettings,
@@ -92,10 +94,16 @@ def running_operator(
     clock: Callable[[], float] = lambda: NOW,
     peering: str | None = None,
     webhook: WebhookSettings | None = None,
+    api: tuple[httpx.Client, Path] | None = None,
 ) -> Iterator[None]:
     """The operator against `cluster` until the block ends: standalone, or sharing the
     peering object `peering` (which must exist), as the chart runs it; with the admission
-    webhook `webhook`, else without one (no port bound)."""
+    webhook `webhook`, else without one (no port bound); reaching the gpudelivery API through
+    the client `api` with the key in the file beside it (mirroring and reporting every
+    second), else without an API."""
+    api_settings = ApiSettings()
+    if api is not None:
+        api_settings = ApiSettings(url=str(api[0].base_url), token_file=api[1], sync_interval_s=1.0)
     settings = OperatorSettings(
         kubeconfig=cluster.kubeconfig,
         peering=PeeringSettings(standalone=True)
@@ -103,13 +111,21 @@ def running_operator(
         else PeeringSettings(name=peering, standalone=False),
         timing=TimingSettings(reconcile_interval_s=1.0),
         webhook=WebhookSettings(enabled=False) if webhook is None else webhook,
+        api=api_settings,
     )
     stop, ready = threading.Event(), threading.Event()
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            asyncio.run(runner.serve(settings, stop_flag=stop, ready_flag=ready, clock=clock))
+            serving = runner.serve(
+                settings,
+                stop_flag=stop,
+                ready_flag=ready,
+                clock=clock,
+                api=None if api is None else api[0],
+            )
+            asyncio.run(serving)
         except BaseException as exc:  # reported by the test thread
             failure.append(exc)
 

@@ -102,7 +102,17 @@ class ObjectStore(kmock.KubernetesEmulator):
         bundled = importlib.resources.files("kmock._internal") / "resources.json.gz"
         self.resources.load_data(gzip.decompress(bundled.read_bytes()))
         for crd in self.crds:
-            self.register_crd(crd)
+            self._seed_crd(crd)
+
+    def _seed_crd(self, crd: Mapping[str, Any]) -> None:
+        """Store `crd` and serve its resource, as `helm install` leaves a chart's CRDs."""
+        obj = copy.deepcopy(dict(crd))
+        meta = obj["metadata"]
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(self.clock()), generation=1)
+        meta["resourceVersion"] = str(self._log.advance())
+        self.objects[(_CRDS, None, meta["name"])] = obj
+        self._log.seed(_CRDS, watches.Change(int(meta["resourceVersion"]), "ADDED", obj, None))
+        self.register_crd(obj)
 
     def register_crd(self, crd: Mapping[str, Any]) -> None:
         """Serve the custom resource a CustomResourceDefinition declares."""

@@ -52,6 +52,11 @@ class ChangeLog:
         self._changes[resource].append(change)
         self.changed.notify_all()
 
+    def seed(self, resource: kmock.resource, change: Change) -> None:
+        """Log a change made before the server serves (nobody watches yet, so nobody is
+        woken, and the condition's lock, which needs the server's loop, is not taken)."""
+        self._changes[resource].append(change)
+
     def end(self, resource: kmock.resource) -> int:
         """The position after the last change of `resource`."""
         return len(self._changes[resource])
