@@ -98,6 +98,8 @@ class _Pass:
     held: dict[str, tuple[str, ...]]
     namespaces: dict[str, str]
     existing: frozenset[str]
+    # The contract names the nodes' marks carried when the pass began.
+    marked: frozenset[str] = frozenset()
 
 
 class PoolDelivery:
@@ -132,7 +134,10 @@ class PoolDelivery:
             if node is not None:
                 found[name] = node
         listed = dict(self._tenancy.listed()) if self._tenancy is not None else {}
-        state = _Pass(pool, found, held, listed, frozenset(held))
+        marked = frozenset(
+            name for node in found.values() for name in claims.names_on(nodes.facts(node, ()))
+        )
+        state = _Pass(pool, found, held, listed, frozenset(held), marked)
         self._release_orphans(state)
         phases = {}
         for body in sorted(ours, key=_start_then_name):
@@ -168,11 +173,17 @@ class PoolDelivery:
         """Plan and carry out until the plan asks for nothing (or `MAX_ROUNDS`); the phase
         left, None for a contract this pass has nothing to do with."""
         name = _name(body)
-        status = _planner_status(body)
-        if status is None:
+        phase = _status(body).get("phase")
+        if phase is None:
             return None  # not booked yet: the booking handler decides it first
-        if status.phase not in booking.LIVE and not self._holds_anything(state, name, body):
-            return status.phase
+        try:
+            current = resources.Phase(phase)
+        except ValueError as exc:
+            raise errors.OperatorError(f"status.phase: {phase!r} is not a phase") from exc
+        if current not in booking.LIVE and not _holds_anything(state, body):
+            return current
+        status = _planner_status(body)
+        assert status is not None  # it has a phase
         contract = delivery.Contract(
             name, resources.terms_from_body(body), state.pool, resources.cancelled_at_s(body)
         )
@@ -191,16 +202,6 @@ class PoolDelivery:
             if not plan.actions:
                 break
         return status.phase
-
-    def _holds_anything(self, state: _Pass, name: str, body: Mapping[str, Any]) -> bool:
-        """Whether an over contract still has something to give back: nodes its status lists
-        or that bear its name, open ledger intervals, or its buyer's namespace."""
-        if _listed_nodes(body) or resources.namespace_name(name) in state.namespaces:
-            return True
-        intervals = ((_status(body).get("ledger") or {}).get("intervals")) or []
-        if any(item.get("end") is None for item in intervals if isinstance(item, dict)):
-            return True
-        return any(name in claims.names_on(nodes.facts(node, ())) for node in state.nodes.values())
 
     def _plan(
         self, state: _Pass, contract: delivery.Contract, status: delivery.Status
@@ -386,6 +387,18 @@ def _worth_writing(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> boo
             return True
     grown = int(wanted["deliveredGpuSeconds"] or 0) - int(current.get("deliveredGpuSeconds") or 0)
     return grown >= DELIVERED_REFRESH_S * max(1, len(wanted["gpus"] or ()))
+
+
+def _holds_anything(state: _Pass, body: Mapping[str, Any]) -> bool:
+    """Whether an over contract still has something to give back: nodes its status lists
+    or that bear its name, open ledger intervals, or its buyer's namespace."""
+    name = _name(body)
+    if _listed_nodes(body) or name in state.marked:
+        return True
+    if resources.namespace_name(name) in state.namespaces:
+        return True
+    intervals = (_status(body).get("ledger") or {}).get("intervals") or []
+    return any(item.get("end") is None for item in intervals if isinstance(item, dict))
 
 
 def _planner_status(body: Mapping[str, Any]) -> delivery.Status | None:

@@ -69,7 +69,7 @@ class Runtime:
     ledger: ledger.LedgerClient | None = None
     # Reads and registers contracts at the API (mirroring); None when no API is configured.
     contracts: mirror.ContractsClient | None = None
-    # The mirroring findings announced already (resource, message): each is posted once.
+    # The failures announced already (resource, message): each is posted once per run.
     announced: set[tuple[str, str]] = field(default_factory=set)
 
 
@@ -218,12 +218,22 @@ def deliver(body: kopf.Body, memo: Runtime, logger: kopf.Logger, **_: Any) -> No
         pool = resources.pool_from_body(body)
     except errors.InputError as exc:
         raise kopf.PermanentError(f"invalid DeliveryPool: {exc}") from exc
+
+    def announce(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        # A failure found again at every pass is posted once per operator run.
+        if reason == executor.EVENT_FAILED_ACTION:
+            key = (str((body.get("metadata") or {}).get("name")), message)
+            if key in memo.announced:
+                return
+            memo.announced.add(key)
+        _announce(body, kind, reason, message)
+
     passes = executor.PoolDelivery(
         memo.cluster,
         clock=memo.clock,
         not_ready_after_s=memo.settings.timing.not_ready_after_s,
         tenancy=memo.tenancy,
-        announce=_announce,
+        announce=announce,
         logger=logger,
     )
     passes.run(pool)

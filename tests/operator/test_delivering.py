@@ -363,3 +363,39 @@ def test_three_pools_of_forty_nodes_deliver_their_contracts_and_give_every_node_
 
 def all_nodes(cluster: Cluster) -> list[str]:
     return sorted(node.metadata.name for node in cluster.core.list_node().items)
+
+
+def test_a_contract_whose_status_cannot_be_read_is_reported_and_the_others_are_delivered(
+    cluster: Cluster,
+) -> None:
+    clock = Clock(START)
+    clock.attach(cluster)
+    add_pool(cluster)
+    add_gpu_nodes(cluster, ["gpu-0", "gpu-1"], block="a")
+    broken = add_contract(cluster, "EX-1", 8)
+    cluster.custom.patch_cluster_custom_object_status(
+        resources.GROUP,
+        resources.VERSION,
+        resources.CONTRACTS,
+        broken,
+        {"status": {"phase": "Bogus", "pool": "h100"}},
+    )
+    name = add_contract(cluster, "EX-2", 8)
+    with running_operator(cluster, clock=clock):
+        poll(lambda: phase_of(cluster, name) == "Delivering")
+        poll(lambda: bool(warnings_about(cluster, broken)))
+        clock.now_s += 120  # a later pass (it counts 2 minutes of 8 GPUs) posts nothing again
+        poll(lambda: contract_status(cluster, name).get("deliveredGpuSeconds") == 960)
+    assert warnings_about(cluster, broken) == [
+        ("ActionFailed", "status.phase: 'Bogus' is not a phase")
+    ]
+    assert phase_of(cluster, broken) == "Bogus"
+
+
+def warnings_about(cluster: Cluster, name: str) -> list[tuple[str, str]]:
+    found = cluster.core.list_event_for_all_namespaces().items
+    return [
+        (event.reason, event.message)
+        for event in found
+        if event.involved_object.name == name and event.type == "Warning"
+    ]
