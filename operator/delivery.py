@@ -17,7 +17,8 @@ always give the same plan, whatever happened before.
   `GPUHealthy` False is quarantined and released, its intervals closed, and replaced by a
   free node close to it.
 - At the end less the grace period the buyer is warned, once; at the end every node is
-  released, every interval closed at the end, and the contract is `Completed`.
+  released, every interval closed at the end, and the contract is `Completed`, or `Failed`
+  when no GPU served it at all.
 - Cancelled, Completed, Rejected and Failed contracts only release what they still hold; a
   live contract whose spec says it was cancelled becomes `Cancelled` (at any time: the API
   cancels only before the start, a provider may end a delivery early).
@@ -161,7 +162,10 @@ def _wind_down(view: _View, stage: _Stage) -> Plan:
     """Hold nothing: release every node bearing the contract's name, close its intervals."""
     window, status = view.contract.terms, view.status
     prepare_s = window.start - view.contract.pool.lead_time_s
-    if stage is _Stage.AFTER:
+    if stage is _Stage.AFTER and not status.intervals:
+        phase = resources.Phase.FAILED
+        reason = f"the window ended at {_utc(window.end)} and no GPU was handed over in it"
+    elif stage is _Stage.AFTER:
         phase, reason = resources.Phase.COMPLETED, f"the window ended at {_utc(window.end)}"
     elif stage is _Stage.BEFORE and status.phase is not resources.Phase.BOOKED:
         phase, reason = resources.Phase.BOOKED, f"preparation starts at {_utc(prepare_s)}"

@@ -332,3 +332,19 @@ def test_a_plan_carried_out_is_not_asked_again() -> None:
         (Cordon("a1"), Evict("a1", "team", "train-0"), Cordon("a2")),
         (),
     )
+
+
+def test_a_contract_no_gpu_ever_served_fails_at_the_end() -> None:
+    state = status(Phase.DEGRADED, "a1")
+    nodes = [claimed("a1"), node("a2")]
+    assert plan(state, *nodes, now_s=END) == delivery.Plan(
+        contract="c1",
+        phase=Phase.FAILED,
+        reason=f"the window ended at {utc(END)} and no GPU was handed over in it",
+        nodes=(),
+        drain_started_s={},
+        buyer_warned_s=None,
+        buyer_namespace=False,
+        actions=(Release("a1"),),
+        wake_at_s=None,
+    )
