@@ -15,3 +15,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "gpudelivery.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/* The labels that select the operator's pods (Deployment, webhook Service, budget). */}}
+{{- define "gpudelivery.operatorSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* The Service in front of every operator replica's admission webhook. */}}
+{{- define "gpudelivery.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "gpudelivery.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The host name the API server calls the webhook at, which its certificate names. */}}
+{{- define "gpudelivery.webhookServiceHost" -}}
+{{- printf "%s.%s.svc" (include "gpudelivery.webhookServiceName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The webhook's TLS Secret: the one given in operator.webhook.certSecret, else the
+chart's own. */}}
+{{- define "gpudelivery.webhookSecretName" -}}
+{{- $generated := printf "%s-webhook-tls" (include "gpudelivery.fullname" .) -}}
+{{- .Values.operator.webhook.certSecret | default ($generated | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
