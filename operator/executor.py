@@ -24,7 +24,7 @@ Not here: decisions (operator/delivery.py), the buyer's namespace's content
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,7 +42,14 @@ from gpudelivery.operator import (
     resources,
 )
 
-__all__ = ["ANNOTATION_WINDOW_ENDS", "MAX_ROUNDS", "Announce", "PoolDelivery", "Tenancy"]
+__all__ = [
+    "ANNOTATION_WINDOW_ENDS",
+    "MAX_ROUNDS",
+    "NAMESPACE_CHECK_S",
+    "Announce",
+    "PoolDelivery",
+    "Tenancy",
+]
 
 # Plan-and-carry-out rounds a contract gets in one pass: the planner converges in five when
 # nothing else moves (cordon, evict, hand over, open the ledger, and the plan with nothing to
@@ -54,6 +61,9 @@ ANNOTATION_WINDOW_ENDS = "gpudelivery.io/window-ends-at"
 EVENT_WINDOW_ENDING = "WindowEnding"
 # The Event reason of a node action or eviction the API server refused.
 EVENT_FAILED_ACTION = "ActionFailed"
+# How often a buyer's namespace is made whole again (seconds), beyond when it is missing:
+# an object deleted in it is back, and a token the API server cut short renewed, this late.
+NAMESPACE_CHECK_S = 300
 # How many phase transitions a status keeps (the newest): a contract flapping between
 # Delivering and Degraded must not grow its status without end.
 MAX_TRANSITIONS = 50
@@ -114,6 +124,7 @@ class PoolDelivery:
         tenancy: Tenancy | None,
         announce: Announce,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        checked: MutableMapping[str, int] | None = None,
     ) -> None:
         self._api = api
         self._clock = clock
@@ -121,6 +132,9 @@ class PoolDelivery:
         self._tenancy = tenancy
         self._announce = announce
         self._logger = logger
+        # When each contract's namespace was last made whole (`Tenancy.ensure`), kept by the
+        # caller across passes; an operator that starts knows none, so it checks them all.
+        self._checked = {} if checked is None else checked
 
     def run(self, pool: resources.Pool) -> dict[str, resources.Phase]:
         """One pass over `pool`: every contract booked in it brought as far as it can go now;
@@ -168,6 +182,7 @@ class PoolDelivery:
             if contract_name not in state.existing:
                 self._tenancy.remove(contract_name)
                 del state.namespaces[namespace]
+                self._checked.pop(contract_name, None)
 
     def _deliver(self, state: _Pass, body: dict[str, Any]) -> resources.Phase | None:
         """Plan and carry out until the plan asks for nothing (or `MAX_ROUNDS`); the phase
@@ -233,28 +248,37 @@ class PoolDelivery:
     def _keep_namespace(
         self, state: _Pass, contract: delivery.Contract, plan: delivery.Plan
     ) -> None:
-        """The buyer's namespace exists while the window is open, and not after."""
+        """The buyer's namespace exists, whole, while the window is open, and not after. It is
+        made whole when missing, when this operator has not yet checked it (after a restart:
+        a crash may have left it half made), and every `NAMESPACE_CHECK_S` (an object deleted
+        in it, a token cut short)."""
         if self._tenancy is None:
             return
         namespace = resources.namespace_name(contract.name)
-        if plan.buyer_namespace and namespace not in state.namespaces:
+        now_s = int(self._clock())
+        if plan.buyer_namespace:
+            checked_s = self._checked.get(contract.name)
+            listed = namespace in state.namespaces
+            if listed and checked_s is not None and now_s - checked_s < NAMESPACE_CHECK_S:
+                return
             window = contract.terms
             try:
                 written = self._tenancy.ensure(
-                    contract.name,
-                    window.buyer or "",
-                    window.gpu_count,
-                    window.end,
-                    int(self._clock()),
+                    contract.name, window.buyer or "", window.gpu_count, window.end, now_s
                 )
             except errors.NamespaceTerminatingError as exc:
                 self._logger.info("contract %s: %s; creating it later", contract.name, exc)
                 return  # the nodes go on being prepared meanwhile
-            self._logger.info("contract %s: namespace %s: %s", contract.name, namespace, written)
+            if written:
+                self._logger.info(
+                    "contract %s: namespace %s: %s", contract.name, namespace, written
+                )
             state.namespaces[namespace] = contract.name
-        elif not plan.buyer_namespace and namespace in state.namespaces:
+            self._checked[contract.name] = now_s
+        elif namespace in state.namespaces:
             self._tenancy.remove(contract.name)
             del state.namespaces[namespace]
+            self._checked.pop(contract.name, None)
 
     def _carry_out(
         self, state: _Pass, body: Mapping[str, Any], plan: delivery.Plan, status: delivery.Status

@@ -69,6 +69,8 @@ class Runtime:
     ledger: ledger.LedgerClient | None = None
     # Reads and registers contracts at the API (mirroring); None when no API is configured.
     contracts: mirror.ContractsClient | None = None
+    # When each contract's buyer namespace was last made whole (executor.PoolDelivery).
+    namespaces_checked: dict[str, int] = field(default_factory=dict)
     # The failures announced already (resource, message): each is posted once per run.
     announced: set[tuple[str, str]] = field(default_factory=set)
 
@@ -235,6 +237,7 @@ def deliver(body: kopf.Body, memo: Runtime, logger: kopf.Logger, **_: Any) -> No
         tenancy=memo.tenancy,
         announce=announce,
         logger=logger,
+        checked=memo.namespaces_checked,
     )
     passes.run(pool)
 

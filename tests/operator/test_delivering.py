@@ -12,7 +12,7 @@ from typing import Any
 from kubernetes import client
 
 from gpudelivery import timefmt
-from gpudelivery.operator import claims, nodes, resources, tenancy
+from gpudelivery.operator import claims, executor, nodes, resources, tenancy
 
 from utils.factories import EPOCH
 from utils.operators import (
@@ -399,3 +399,28 @@ def warnings_about(cluster: Cluster, name: str) -> list[tuple[str, str]]:
         for event in found
         if event.involved_object.name == name and event.type == "Warning"
     ]
+
+
+def test_an_object_deleted_from_the_buyers_namespace_is_made_again_at_the_next_check(
+    cluster: Cluster,
+) -> None:
+    clock = Clock(START)
+    clock.attach(cluster)
+    add_pool(cluster)
+    add_gpu_nodes(cluster, ["gpu-0"], block="a")
+    name = add_contract(cluster, "EX-1", 8)
+    namespace = resources.namespace_name(name)
+    networking = client.NetworkingV1Api(cluster.core.api_client)
+
+    def policies() -> list[str]:
+        found = networking.list_namespaced_network_policy(namespace).items
+        return [item.metadata.name for item in found]
+
+    with running_operator(cluster, clock=clock):
+        poll(lambda: phase_of(cluster, name) == "Delivering")
+        networking.delete_namespaced_network_policy(tenancy.NETWORK_POLICY, namespace)
+        clock.now_s = START + executor.NAMESPACE_CHECK_S - 1
+        poll(lambda: contract_status(cluster, name).get("deliveredGpuSeconds") == 8 * 299)
+        assert policies() == []  # not checked again yet
+        clock.now_s = START + executor.NAMESPACE_CHECK_S
+        poll(lambda: policies() == [tenancy.NETWORK_POLICY])
