@@ -193,7 +193,7 @@ def list_contracts(
     session: SessionDep,
     principal: CurrentPrincipal,
     status_: Annotated[str | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> ContractsPublic:
     now_s = params.now_s()

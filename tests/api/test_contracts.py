@@ -507,3 +507,13 @@ def test_the_operator_pages_through_every_contract(
         "/v1/contracts", params={"status": "cancelled"}, headers=headers["operator"]
     ).json()
     assert booked == {"data": [], "count": 0}
+
+
+def test_an_offset_beyond_what_a_database_counts_is_refused_naming_it(
+    client: TestClient, headers: dict[str, dict[str, str]]
+) -> None:
+    answer = client.get("/v1/contracts", params={"offset": 2**63}, headers=headers["operator"])
+    assert answer.status_code == 422
+    assert answer.json() == {
+        "detail": "query.offset: Input should be less than or equal to 2147483647"
+    }
