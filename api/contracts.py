@@ -201,9 +201,22 @@ def create_contract(
             f"oversold: {terms.gpu_count} GPUs of {terms.instrument} asked, "
             f"{free.free_gpus} free over the whole window"
         )
-    contract = Contract(
+    contract = _new_contract(terms, canonical_terms, exchange.name, idempotency_key, now_s)
+    session.add(contract)
+    return contract, True
+
+
+def _new_contract(
+    terms: core_terms.ContractTerms,
+    canonical_terms: str,
+    exchange: str,
+    idempotency_key: str,
+    now_s: int,
+) -> Contract:
+    """A booked contract of `terms`, recorded for `exchange` (its exchange of record)."""
+    return Contract(
         id=terms.contract_id,
-        exchange=exchange.name,
+        exchange=exchange,
         holder=terms.buyer,
         instrument=terms.instrument,
         gpu_count=terms.gpu_count,
@@ -214,8 +227,6 @@ def create_contract(
         idempotency_key=idempotency_key,
         created_at=now_s,
     )
-    session.add(contract)
-    return contract, True
 
 
 def register_contract(
@@ -242,18 +253,8 @@ def register_contract(
                 + "; ".join(_differences(json.loads(held.terms), terms.to_json()))
             )
         return held, False
-    contract = Contract(
-        id=terms.contract_id,
-        exchange=registrar.name,
-        holder=terms.buyer,
-        instrument=terms.instrument,
-        gpu_count=terms.gpu_count,
-        start_s=terms.start,
-        end_s=terms.end,
-        terms=canonical_terms,
-        status=BOOKED,
-        idempotency_key=registration_key(terms.contract_id),
-        created_at=now_s,
+    contract = _new_contract(
+        terms, canonical_terms, registrar.name, registration_key(terms.contract_id), now_s
     )
     session.add(contract)
     return contract, True

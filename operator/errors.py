@@ -17,16 +17,6 @@ class OperatorError(GpuDeliveryError):
     """Base of the operator's errors."""
 
 
-class LedgerUnavailableError(OperatorError):
-    """The API cannot take the ledger now (unreachable, busy, or it does not know the
-    contract yet): report again later; delivery goes on meanwhile."""
-
-
-class LedgerRefusedError(OperatorError):
-    """The API refused the ledger as written (a 4xx naming what is wrong): reporting it
-    again will not help."""
-
-
 class StaleObjectError(OperatorError):
     """An object changed since it was read (409 Conflict on a write naming its
     resourceVersion): read it again and decide again."""
@@ -47,3 +37,13 @@ class ApiRefusedError(OperatorError):
     """The API refused a request as written (a 4xx naming what is wrong, such as other terms
     under a held contract id), or answered what the operator cannot read: trying again will
     not help."""
+
+
+class LedgerUnavailableError(ApiUnavailableError):
+    """The API cannot take the ledger now (unreachable, busy, or it does not know the
+    contract yet): report again later; delivery goes on meanwhile."""
+
+
+class LedgerRefusedError(ApiRefusedError):
+    """The API refused the ledger as written (a 4xx naming what is wrong): reporting it
+    again will not help."""

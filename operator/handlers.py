@@ -83,43 +83,33 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         decorator(
             resources.GROUP, resources.VERSION, resources.CONTRACTS, registry=registry, id="book"
         )(book)
-    kopf.timer(
-        resources.GROUP,
-        resources.VERSION,
-        resources.POOLS,
-        registry=registry,
-        interval=settings.timing.reconcile_interval_s,
-        id="pool-status",
-    )(refresh_pool)
-    kopf.timer(
-        resources.GROUP,
-        resources.VERSION,
-        resources.POOLS,
-        registry=registry,
-        interval=settings.timing.reconcile_interval_s,
-        id="deliver",
-    )(deliver)
+
+    def timer(
+        plural: str,
+        interval: float,
+        handler_id: str,
+        *,
+        group_version: tuple[str, str] = (resources.GROUP, resources.VERSION),
+        name: str | None = None,
+    ) -> Callable[[Callable[..., None]], Any]:
+        """kopf's timer of every `plural` object (or only the one named `name`)."""
+        field = None if name is None else "metadata.name"
+        return kopf.timer(
+            *group_version, plural, registry=registry, interval=interval, id=handler_id,
+            field=field, value=name,
+        )  # fmt: skip
+
+    reconcile_s, sync_s = settings.timing.reconcile_interval_s, settings.api.sync_interval_s
+    timer(resources.POOLS, reconcile_s, "pool-status")(refresh_pool)
+    timer(resources.POOLS, reconcile_s, "deliver")(deliver)
     if settings.api.url is not None:
-        kopf.timer(
-            resources.GROUP,
-            resources.VERSION,
-            resources.CONTRACTS,
-            registry=registry,
-            interval=settings.api.sync_interval_s,
-            id="ledger",
-        )(report_ledger)
+        timer(resources.CONTRACTS, sync_s, "ledger")(report_ledger)
         # The mirror is the cluster's, not any one object's: it runs on the timer of the
         # ComputeContract CRD, which exists while the operator has work, and which kopf's
         # peering pauses on the replicas that are not active, as any handler.
-        kopf.timer(
-            "apiextensions.k8s.io",
-            "v1",
-            "customresourcedefinitions",
-            registry=registry,
-            interval=settings.api.sync_interval_s,
-            field="metadata.name",
-            value=CONTRACTS_CRD,
-            id="mirror",
+        crds = ("apiextensions.k8s.io", "v1")
+        timer(
+            "customresourcedefinitions", sync_s, "mirror", group_version=crds, name=CONTRACTS_CRD
         )(mirror_contracts)
     admission.register(registry, settings)
 

@@ -19,18 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from gpudelivery import timefmt
-from gpudelivery.operator import errors
+from gpudelivery.operator import api_calls, errors
 
 __all__ = ["ASSIGNMENTS_PATH", "Interval", "LedgerClient", "digest", "from_status", "to_status"]
 
 # The API's ledger endpoint (docs: README, "The API"), relative to its base URL.
 ASSIGNMENTS_PATH = "/v1/contracts/{contract_id}/assignments"
-# Statuses worth another try: the API is overloaded or restarting, or does not know the
-# contract yet (the operator mirrors contracts, which may lag behind a kubectl apply).
-_RETRYABLE = frozenset({404, 408, 429})
 
 
 @dataclass(frozen=True, order=True)
@@ -84,15 +79,14 @@ def digest(intervals: Sequence[Interval]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class LedgerClient:
+class LedgerClient(api_calls.ApiCalls):
     """Reports a contract's intervals to the API as the `operator` role."""
 
-    def __init__(self, client: httpx.Client, *, token: str) -> None:
-        self._client = client
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    def __repr__(self) -> str:  # the token stays out of any log or traceback
-        return f"LedgerClient({self._client.base_url!s})"
+    # Also worth another try: a contract the API does not know yet (the operator mirrors
+    # contracts, which may lag behind a kubectl apply).
+    retryable = frozenset({404, 408, 429})
+    unavailable = errors.LedgerUnavailableError
+    refused = errors.LedgerRefusedError
 
     def report(self, contract_id: str, intervals: Sequence[Interval]) -> None:
         """Send every interval of the contract; raises `LedgerUnavailableError` when it is
@@ -100,24 +94,4 @@ class LedgerClient:
         if not intervals:
             return
         path = ASSIGNMENTS_PATH.format(contract_id=quote(contract_id, safe=""))
-        body = {"assignments": to_status(intervals)}
-        try:
-            response = self._client.post(path, json=body, headers=self._headers)
-        except httpx.HTTPError as exc:
-            raise errors.LedgerUnavailableError(f"the API is unreachable: {exc}") from exc
-        if response.is_success:
-            return
-        detail = _detail(response)
-        if response.status_code in _RETRYABLE or response.status_code >= 500:
-            raise errors.LedgerUnavailableError(
-                f"the API answered {response.status_code}: {detail}"
-            )
-        raise errors.LedgerRefusedError(f"the API answered {response.status_code}: {detail}")
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    return str(body.get("detail", body))[:200] if isinstance(body, dict) else str(body)[:200]
+        self._request("POST", path, json={"assignments": to_status(intervals)})

@@ -16,11 +16,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from gpudelivery import errors as core_errors
 from gpudelivery import terms, timefmt
-from gpudelivery.operator import errors, mirroring
+from gpudelivery.operator import api_calls, errors, mirroring
 
 __all__ = ["CANCEL_PATH", "CONTRACTS_PATH", "CONTRACT_PATH", "PAGE_SIZE", "ContractsClient"]
 
@@ -30,19 +28,11 @@ CONTRACT_PATH = "/v1/contracts/{contract_id}"
 CANCEL_PATH = "/v1/contracts/{contract_id}/cancel"
 # The largest page GET /v1/contracts answers: the fewest round trips per mirroring.
 PAGE_SIZE = 500
-# Statuses worth another try: the API is overloaded, restarting or slow.
-_RETRYABLE = frozenset({408, 429})
 
 
-class ContractsClient:
-    """Reads, registers and cancels contracts in the API as the `operator` role."""
-
-    def __init__(self, client: httpx.Client, *, token: str) -> None:
-        self._client = client
-        self._headers = {"Authorization": f"Bearer {token}"}
-
-    def __repr__(self) -> str:  # the token stays out of any log or traceback
-        return f"ContractsClient({self._client.base_url!s})"
+class ContractsClient(api_calls.ApiCalls):
+    """Reads, registers and cancels contracts in the API as the `operator` role; raises
+    `ApiUnavailableError` when it is worth trying again later, `ApiRefusedError` if not."""
 
     def list_all(self) -> list[mirroring.ApiContract]:
         """Every contract the API holds, in its order (window start, then id). A contract
@@ -80,23 +70,7 @@ class ContractsClient:
         return _contract(self._send("POST", path))
 
     def _send(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        try:
-            response = self._client.request(method, path, headers=self._headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise errors.ApiUnavailableError(f"the API is unreachable: {exc}") from exc
-        if not response.is_success:
-            detail = _detail(response)
-            message = f"the API answered {response.status_code}: {detail}"
-            if response.status_code in _RETRYABLE or response.status_code >= 500:
-                raise errors.ApiUnavailableError(message)
-            raise errors.ApiRefusedError(message)
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise errors.ApiRefusedError("the API answered something other than JSON") from exc
-        if not isinstance(body, dict):
-            raise errors.ApiRefusedError("the API answered something other than an object")
-        return body
+        return self._object(self._request(method, path, **kwargs))
 
 
 def _contract(item: object) -> mirroring.ApiContract:
@@ -117,11 +91,3 @@ def _contract(item: object) -> mirroring.ApiContract:
         raise errors.ApiRefusedError(
             f"the API answered contract {where} unreadably: {exc}"
         ) from exc
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    return str(body.get("detail", body))[:200] if isinstance(body, dict) else str(body)[:200]

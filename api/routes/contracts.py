@@ -127,6 +127,16 @@ def _public(session: SessionDep, contract: Contract, now_s: int) -> ContractPubl
     )
 
 
+def _stored(
+    session: SessionDep, response: Response, contract: Contract, now_s: int, *, created: bool
+) -> ContractPublic:
+    """Commit a contract sent or registered, answered 201 when it is new, else 200."""
+    session.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return _public(session, contract, now_s)
+
+
 @router.post(
     "/v1/contracts",
     response_model=ContractPublic,
@@ -150,10 +160,7 @@ def create_contract(
         data=terms.model_dump(exclude_none=True),
         now_s=now_s,
     )
-    session.commit()
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return _public(session, contract, now_s)
+    return _stored(session, response, contract, now_s, created=created)
 
 
 @router.put(
@@ -182,10 +189,7 @@ def register_contract(
         data=terms.model_dump(exclude_none=True),
         now_s=now_s,
     )
-    session.commit()
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return _public(session, contract, now_s)
+    return _stored(session, response, contract, now_s, created=created)
 
 
 @router.get("/v1/contracts", response_model=ContractsPublic, summary="The contracts you may see.")
