@@ -168,7 +168,8 @@ def _decide(memo: Runtime, name: str, body: Mapping[str, Any]) -> booking.Decisi
         except errors.InputError:
             continue  # the pool's own handler reports it
         pools.append(pool)
-        capacity[pool.name] = _capacity(memo, pool)[1]
+        if pool.instrument == contract_terms.instrument:  # only its own pool is counted
+            capacity[pool.name] = _capacity(memo, pool)[1]
     others = []
     for other in memo.cluster.contracts():
         other_name = other.get("metadata", {}).get("name")
