@@ -11,6 +11,7 @@ Not here: decisions (operator/booking.py, operator/placement.py).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +24,10 @@ from gpudelivery.operator import errors, resources
 
 __all__ = ["Cluster", "configuration", "connection_info"]
 
+# Nodes and pods are read as the API server serves them (JSON, which operator/nodes.py
+# reads), not as the client's models: building a model of every node of a pool, to turn it
+# back into JSON, took most of the operator's time in bench/bench_operator.py.
+_RAW: dict[str, Any] = {"_preload_content": False}
 # The API server's answers the operator tells apart.
 _NOT_FOUND, _CONFLICT, _TOO_MANY_REQUESTS = 404, 409, 429
 
@@ -89,12 +94,12 @@ class Cluster:
         """The nodes carrying every label of `selector`, as the API serves them (JSON, which
         operator/nodes.py reads)."""
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
-        return self._json(self._core.list_node(label_selector=label_selector).items)
+        return _items(self._core.list_node(label_selector=label_selector, **_RAW))
 
     def node(self, name: str) -> dict[str, Any] | None:
         """Node `name` as the API serves it; None when there is none."""
         try:
-            return self._json([self._core.read_node(name)])[0]
+            return _object(self._core.read_node(name, **_RAW))
         except ApiException as exc:
             if exc.status == _NOT_FOUND:
                 return None
@@ -104,21 +109,22 @@ class Cluster:
         """Merge `patch` (which names the resourceVersion read) into node `name`; the node
         as written. `errors.StaleObjectError` when it changed since it was read."""
         try:
-            written = self._core.patch_node(name, dict(patch))
+            written = _object(self._core.patch_node(name, dict(patch), **_RAW))
         except ApiException as exc:
             if exc.status == _CONFLICT:
                 raise errors.StaleObjectError(f"node {name} changed since it was read") from exc
             raise
-        return self._json([written])[0]
+        return written
 
     def pods_on(self, node: str) -> list[dict[str, Any]]:
         """The pods bound to `node`, in every namespace."""
-        found = self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}")
-        return self._json(found.items)
+        return _items(
+            self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}", **_RAW)
+        )
 
     def pods_in(self, namespace: str) -> list[dict[str, Any]]:
         """The pods of `namespace`."""
-        return self._json(self._core.list_namespaced_pod(namespace).items)
+        return _items(self._core.list_namespaced_pod(namespace, **_RAW))
 
     def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         """Add `annotations` to a pod; a pod gone meanwhile needs none."""
@@ -143,10 +149,6 @@ class Cluster:
             if exc.status != _NOT_FOUND:
                 raise
         return True
-
-    def _json(self, found: Sequence[object]) -> list[dict[str, Any]]:
-        serialize = self._api_client.sanitize_for_serialization
-        return [cast(dict[str, Any], serialize(item)) for item in found]  # type: ignore[no-untyped-call]
 
     def create_contract(self, body: Mapping[str, Any]) -> bool:
         """Create a ComputeContract; False when one of its name exists already."""
@@ -178,3 +180,13 @@ class Cluster:
         self._custom.patch_cluster_custom_object_status(
             resources.GROUP, resources.VERSION, resources.POOLS, name, {"status": status}
         )
+
+
+def _object(response: Any) -> dict[str, Any]:
+    """The object a raw (`_RAW`) answer carries."""
+    return cast(dict[str, Any], json.loads(response.data))
+
+
+def _items(response: Any) -> list[dict[str, Any]]:
+    """The items of a raw (`_RAW`) list answer."""
+    return list(_object(response).get("items") or [])

@@ -98,18 +98,54 @@ class Tenancy(Protocol):
 Announce = Callable[[Mapping[str, Any], str, str, str], None]
 
 
-@dataclass
 class _Pass:
-    """What one pass over a pool knows: the nodes (kept as written), the nodes each contract's
-    status lists, the buyers' namespaces, and the contracts that exist."""
+    """What one pass over a pool knows: the nodes (kept as written) and the planner's facts
+    of each without its pods, the nodes each contract's status lists (and, by node, which
+    contracts list it), the buyers' namespaces, and the contracts that exist."""
 
-    pool: resources.Pool
-    nodes: dict[str, dict[str, Any]]
-    held: dict[str, tuple[str, ...]]
-    namespaces: dict[str, str]
-    existing: frozenset[str]
-    # The contract names the nodes' marks carried when the pass began.
-    marked: frozenset[str] = frozenset()
+    def __init__(
+        self,
+        pool: resources.Pool,
+        found: Mapping[str, dict[str, Any]],
+        held: Mapping[str, tuple[str, ...]],
+        namespaces: dict[str, str],
+    ) -> None:
+        self.pool = pool
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.bare: dict[str, claims.NodeFacts] = {}
+        for name, node in found.items():
+            self.put_node(name, node)
+        self.held: dict[str, tuple[str, ...]] = {}
+        self._holders: dict[str, set[str]] = {}
+        for contract, listed in held.items():
+            self.hold(contract, listed)
+        self.namespaces = namespaces
+        self.existing = frozenset(held)
+        # The contract names the nodes' marks carried when the pass began.
+        self.marked = frozenset(
+            mark for facts in self.bare.values() for mark in claims.names_on(facts)
+        )
+
+    def put_node(self, name: str, node: dict[str, Any] | None) -> None:
+        """Node `name` as last read or written; None: it is gone."""
+        if node is None:
+            self.nodes.pop(name, None)
+            self.bare.pop(name, None)
+        else:
+            self.nodes[name] = node
+            self.bare[name] = nodes.facts(node, ())
+
+    def hold(self, contract: str, listed: tuple[str, ...]) -> None:
+        """The nodes `contract`'s status now lists."""
+        for name in self.held.get(contract, ()):
+            self._holders.get(name, set()).discard(contract)
+        self.held[contract] = listed
+        for name in listed:
+            self._holders.setdefault(name, set()).add(contract)
+
+    def held_elsewhere(self, contract: str) -> set[str]:
+        """The nodes other contracts' statuses list."""
+        return {name for name, holders in self._holders.items() if holders - {contract}}
 
 
 class PoolDelivery:
@@ -148,10 +184,7 @@ class PoolDelivery:
             if node is not None:
                 found[name] = node
         listed = dict(self._tenancy.listed()) if self._tenancy is not None else {}
-        marked = frozenset(
-            name for node in found.values() for name in claims.names_on(nodes.facts(node, ()))
-        )
-        state = _Pass(pool, found, held, listed, frozenset(held), marked)
+        state = _Pass(pool, found, held, listed)
         self._release_orphans(state)
         phases = {}
         for body in sorted(ours, key=_start_then_name):
@@ -169,8 +202,8 @@ class PoolDelivery:
     def _release_orphans(self, state: _Pass) -> None:
         """Release the nodes whose marks name only contracts that no longer exist (deleted
         with their nodes still held)."""
-        for name, node in sorted(state.nodes.items()):
-            marks = claims.names_on(nodes.facts(node, ()))
+        for name, facts in sorted(state.bare.items()):
+            marks = claims.names_on(facts)
             if marks and not marks & state.existing:
                 self._logger.info("node %s: released from deleted %s", name, sorted(marks))
                 self._write_node(state, actions.Release(name), next(iter(sorted(marks))))
@@ -213,7 +246,7 @@ class PoolDelivery:
                 continue
             body = self._write_status(body, contract, plan, intervals)
             status = _planner_status(body) or status
-            state.held[name] = plan.nodes
+            state.hold(name, plan.nodes)
             if not plan.actions:
                 break
         return status.phase
@@ -222,18 +255,12 @@ class PoolDelivery:
         self, state: _Pass, contract: delivery.Contract, status: delivery.Status
     ) -> delivery.Plan:
         """The plan on the pass's nodes, with the pods of the nodes the contract is draining."""
-        elsewhere = {
-            node
-            for other, listed in state.held.items()
-            if other != contract.name
-            for node in listed
-        }
+        elsewhere = state.held_elsewhere(contract.name)
         claimant = claims.Claimant(contract.name, frozenset(status.nodes), frozenset(elsewhere))
         facts = []
-        for node in state.nodes.values():
-            bare = nodes.facts(node, ())
+        for name, bare in state.bare.items():
             if claimant.is_ours(bare) and not claimant.handed_over(bare):
-                facts.append(nodes.facts(node, self._api.pods_on(bare.name)))
+                facts.append(nodes.facts(state.nodes[name], self._api.pods_on(name)))
             else:
                 facts.append(bare)
         return delivery.plan(
@@ -316,18 +343,14 @@ class PoolDelivery:
     def _write_node(self, state: _Pass, action: actions.Action, contract: str) -> None:
         node = getattr(action, "node")  # noqa: B009  (every node action names its node)
         patch = nodes.patch(action, contract, state.nodes[node])
-        state.nodes[node] = self._api.patch_node(node, patch)
+        state.put_node(node, self._api.patch_node(node, patch))
         self._logger.info("contract %s: node %s: %s", contract, node, type(action).__name__)
 
     def _reread_nodes(self, state: _Pass, plan: delivery.Plan) -> None:
         """Read again the nodes a plan meant to write (one changed under it)."""
         touched = {str(a.node) for a in plan.actions if not isinstance(a, _LEDGER_ACTIONS)}
         for name in sorted(touched):
-            node = self._api.node(name)
-            if node is None:
-                state.nodes.pop(name, None)
-            else:
-                state.nodes[name] = node
+            state.put_node(name, self._api.node(name))
 
     def _warn_buyer(self, body: Mapping[str, Any], contract: str, end_s: int) -> None:
         """The end-of-window warning: an Event on the contract, an annotation on each pod."""

@@ -48,6 +48,8 @@ __all__ = ["Runtime", "register"]
 EVENT_BOOKED = "Booked"
 EVENT_REJECTED = "Rejected"
 EVENT_LEDGER_REFUSED = "LedgerRefused"
+# The phases of the contracts booking counts, as the status spells them.
+_LIVE = frozenset(phase.value for phase in booking.LIVE)
 # The ComputeContract CRD, on whose timer contracts are mirrored with the API.
 CONTRACTS_CRD = f"{resources.CONTRACTS}.{resources.GROUP}"
 # The ComputeContract condition saying whether the API holds the ledger as the status does.
@@ -174,7 +176,10 @@ def _decide(memo: Runtime, name: str, body: Mapping[str, Any]) -> booking.Decisi
     for other in memo.cluster.contracts():
         other_name = other.get("metadata", {}).get("name")
         phase = other.get("status", {}).get("phase")
-        if other_name == name or phase is None:
+        instrument = other.get("spec", {}).get("instrument")
+        # Only the live contracts of the instrument count: the rest are not read (reading
+        # every contract's terms for every booking grew with the square of the contracts).
+        if other_name == name or phase not in _LIVE or instrument != contract_terms.instrument:
             continue
         try:
             other_terms = resources.terms_from_body(other)
