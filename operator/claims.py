@@ -90,9 +90,15 @@ def index(nodes: Sequence[NodeFacts]) -> dict[str, NodeFacts]:
     return facts
 
 
+_UNMARKED = (None, None, None)
+_NO_NAMES: frozenset[str] = frozenset()
+
+
 def names_on(node: NodeFacts) -> frozenset[str]:
     """The contract names a node's claim annotation, label and taint carry."""
     marks = (node.claimed_by, node.contract_label, node.contract_taint)
+    if marks == _UNMARKED:
+        return _NO_NAMES  # most nodes: asked for every node of a pool by every plan
     return frozenset(mark for mark in marks if mark is not None)
 
 

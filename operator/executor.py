@@ -98,6 +98,9 @@ class Tenancy(Protocol):
 Announce = Callable[[Mapping[str, Any], str, str, str], None]
 
 
+_NOBODY: frozenset[str] = frozenset()
+
+
 class _Pass:
     """What one pass over a pool knows: the nodes (kept as written) and the planner's facts
     of each without its pods, the nodes each contract's status lists (and, by node, which
@@ -144,8 +147,9 @@ class _Pass:
             self._holders.setdefault(name, set()).add(contract)
 
     def held_elsewhere(self, contract: str) -> set[str]:
-        """The nodes other contracts' statuses list."""
-        return {name for name, holders in self._holders.items() if holders - {contract}}
+        """The pass's nodes that other contracts' statuses list (the planner reads no other)."""
+        holders = self._holders
+        return {name for name in self.nodes if holders.get(name, _NOBODY) - {contract}}
 
 
 class PoolDelivery:

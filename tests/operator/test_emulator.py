@@ -839,6 +839,23 @@ def test_a_namespace_terminates_until_its_last_object_goes_and_takes_nothing_new
     assert names(core.list_namespace()) == []
 
 
+def test_a_list_sees_what_was_stored_by_any_way_and_nothing_deleted_or_removed(
+    cluster: Cluster,
+) -> None:
+    pods = kmock.resource("", "v1", "pods")
+    core = cluster.core
+    core.create_namespaced_pod(NS, pod("created"))
+    core.create_namespaced_pod("other", pod("elsewhere", "other"))
+    cluster.emulator.objects[(pods, NS, "stored")] = wire(pod("stored"))  # bypasses the store
+    core.create_namespaced_pod(NS, pod("deleted"))
+    core.delete_namespaced_pod("deleted", NS)
+    assert names(core.list_namespaced_pod(NS)) == ["created", "stored"]
+    core.create_namespaced_pod(NS, pod("deleted"))  # the same name again
+    del cluster.emulator.objects[(pods, NS, "created")]  # as a test may remove one
+    assert names(core.list_namespaced_pod(NS)) == ["deleted", "stored"]
+    assert names(core.list_pod_for_all_namespaces()) == ["elsewhere", "deleted", "stored"]
+
+
 # -- the access log -------------------------------------------------------------------------
 
 

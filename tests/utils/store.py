@@ -96,6 +96,11 @@ class ObjectStore(kmock.KubernetesEmulator):
 
     _log: watches.ChangeLog = attrs.field(factory=watches.ChangeLog, init=False)
     _custom: set[kmock.resource] = attrs.field(factory=set, init=False)
+    # The keys of `objects` by resource, and how many keys it held when last indexed: a list
+    # reads its resource's keys, not every object's (with thousands of nodes and events the
+    # scan took most of the emulator's time in bench/bench_operator.py).
+    _keys: dict[kmock.resource, set[Key]] = attrs.field(factory=dict, init=False)
+    _indexed: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -319,7 +324,10 @@ class ObjectStore(kmock.KubernetesEmulator):
             if key in self.objects:
                 self.objects[key].history.append(new)
             else:
+                self._keys_of(resource)  # indexed up to now
                 self.objects[key] = new
+                self._keys.setdefault(resource, set()).add(key)
+                self._indexed += 1
             change = watches.Change(revision, "ADDED" if old is None else "MODIFIED", new, old)
         self._log.record(resource, change)
         return change.obj
@@ -345,12 +353,22 @@ class ObjectStore(kmock.KubernetesEmulator):
 
     def _live(self, resource: kmock.resource) -> list[tuple[Key, dict[str, Any]]]:
         """The objects of a resource, by namespace and name (the real server's order)."""
-        live = [
-            (key, obj.raw)
-            for key, obj in self.objects.items()
-            if key[0] == resource and not obj.deleted
-        ]
+        objects = self.objects
+        keys = [key for key in self._keys_of(resource) if key in objects]
+        live = [(key, objects[key].raw) for key in keys if not objects[key].deleted]
         return sorted(live, key=lambda item: (item[0][1] or "", item[0][2]))
+
+    def _keys_of(self, resource: kmock.resource) -> set[Key]:
+        """The keys stored for `resource`, deleted ones included. The store adds each new key
+        to the index (`_commit`); the store never removes a key (a deletion marks it), so a
+        count that differs means a key stored or removed some other way (a test writing to
+        kmock's `objects`): everything is indexed again then."""
+        if len(self.objects) != self._indexed:
+            self._keys.clear()
+            for key in self.objects:
+                self._keys.setdefault(key[0], set()).add(key)
+            self._indexed = len(self.objects)
+        return self._keys.get(resource, set())
 
     def _contents(self, namespace: str) -> list[Key]:
         return [key for key, obj in self.objects.items() if key[1] == namespace and not obj.deleted]
