@@ -1,17 +1,23 @@
-"""Benchmark: the delivery operator's placement quality (issue 5).
+"""Benchmark: the delivery operator (issue 5): placement quality, and delivery at scale.
 
-The issue's benchmark has three figures: the time from a shared start to every contract
-Delivering for 1,000 contracts on 5,000 nodes in 20 pools, API calls per contract, and
-placement quality. The first two need the delivery lifecycle, which is not built yet; this
-measures the third, which is a pure function (`placement.place_all`).
+The issue's benchmark: 5,000 nodes in 20 pools, 1,000 contracts whose windows start in the
+same minute: the time from the start to every contract Delivering against the emulator, the
+API calls per contract, and placement quality.
 
 Placement quality: the share of multi-node contracts placed in one network block where one
-could hold them. Small instances (<= 6 contracts, <= 4 blocks, <= 12 nodes, seeded): the
-operator's joint placement against an exhaustive search over every assignment of each
-multi-node contract to a block or to "split" (goal: equal on every instance). The full size
-(20 pools of 250 nodes in blocks of 8 to 32, 50 contracts a pool starting together, sized
-so they fill 80 to 100 % of the pool): the share kept in one block, against the upper bound
-of contracts that some block could hold alone, and the placement time per pool.
+could hold them, a pure function (`placement.place_all`). Small instances (<= 6 contracts,
+<= 4 blocks, <= 12 nodes, seeded): the operator's joint placement against an exhaustive
+search over every assignment of each multi-node contract to a block or to "split" (goal:
+equal on every instance). The full size (20 pools of 250 nodes in blocks of 8 to 32, 50
+contracts a pool starting together, sized so they fill 80 to 100 % of the pool): the share
+kept in one block, against the upper bound of contracts that some block could hold alone,
+and the placement time per pool.
+
+Delivery at scale (bench/operator_at_scale.py): the real operator books, prepares and
+delivers the contracts of 20 pools of 250 nodes against the cluster emulator over HTTP, the
+emulator and the operator sharing this process. `--scale` takes a share of the pools (each
+keeps its 250 nodes and 50 contracts); the default is the issue's size, about seven minutes
+on the 2-core development machine. `--profile` prints where each thread's CPU went.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import operator_at_scale
 import report
 
 from gpudelivery.operator import placement
+from gpudelivery.operator.settings import TimingSettings
 
 SEED = 20261125
 SMALL_INSTANCES = 2_000
 POOLS = 20
 NODES_PER_POOL = 250
 CONTRACTS_PER_POOL = 50
+# The share of the issue's pools delivered by default: all of them.
+DEFAULT_SCALE = 1.0
 
 
 def small_instance(rng: random.Random) -> tuple[list[tuple[str, int]], list[placement.Node]]:
@@ -157,9 +167,40 @@ def bench_full() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer small instances")
+    parser.add_argument(
+        "--part", choices=("placement", "delivery", "all"), default="all", help="what to run"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=DEFAULT_SCALE,
+        help=f"the share of the issue's {POOLS} pools to deliver (each of {NODES_PER_POOL} "
+        f"nodes and {CONTRACTS_PER_POOL} contracts); 1 is the issue's size "
+        f"(default {DEFAULT_SCALE})",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=TimingSettings().reconcile_interval_s,
+        help="the operator's reconcile interval in seconds (default: the operator's)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a CPU profile of every thread of the delivery (several times slower)",
+    )
     options = parser.parse_args()
-    figures = bench_small(200 if options.quick else SMALL_INSTANCES) | bench_full()
-    report.print_figures("operator: placement quality", figures)
+    if options.part in ("placement", "all"):
+        figures = bench_small(200 if options.quick else SMALL_INSTANCES) | bench_full()
+        report.print_figures("operator: placement quality", figures)
+    if options.part in ("delivery", "all"):
+        shape = operator_at_scale.Shape(
+            pools=max(1, round(POOLS * options.scale)),
+            nodes_per_pool=NODES_PER_POOL,
+            contracts_per_pool=CONTRACTS_PER_POOL,
+        )
+        figures = operator_at_scale.run(shape, interval_s=options.interval, profile=options.profile)
+        report.print_figures("operator: delivery at scale", figures)
 
 
 if __name__ == "__main__":
