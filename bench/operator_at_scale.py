@@ -6,8 +6,8 @@ in 10 network blocks of 25, every node as a node looks once its metering agent r
 `GPUHealthy` True, GPU UUIDs published: tests/utils/operators.add_gpu_nodes). 50 contracts
 a pool, of 8 to 64 GPUs in whole nodes, drawn (seeded) until they fill at most 96 % of the
 pool, with windows of an hour starting within the same minute. The operator runs as the
-tests run it (tests/utils/operators.running_operator: kopf in a thread, standalone, a
-reconcile timer of one second, no API and no webhook), on a clock the benchmark moves.
+tests run it (tests/utils/operators.running_operator: kopf in a thread, standalone, no API
+and no webhook) but at the reconcile interval asked for, on a clock the benchmark moves.
 
 Timed, in wall time, each step until every contract has reached it (polled every half
 second by a client of the benchmark's own):
@@ -31,16 +31,14 @@ Not here: pods on the nodes (nothing to evict, so drains end at once), the meter
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import resource
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +47,6 @@ import profiling
 
 from gpudelivery import timefmt
 from gpudelivery.operator import placement, resources, runner
-from gpudelivery.operator.settings import (
-    OperatorSettings,
-    PeeringSettings,
-    TimingSettings,
-    WebhookSettings,
-)
 
 # tests/utils holds the emulator and the operator's harness, imported as the tests import
 # them; mypy checks bench/ without tests/ on its path, so their names are Any here.
@@ -377,41 +369,6 @@ def placement_figures(cluster: Any, shape: Shape, made: list[Order]) -> dict[str
     }
 
 
-@contextlib.contextmanager
-def operating(cluster: Any, clock: Callable[[], float], interval_s: float) -> Iterator[None]:
-    """The operator against `cluster` until the block ends, as
-    tests/utils/operators.running_operator runs it (kopf in a thread of its own, standalone,
-    no webhook, no API) but reconciling every `interval_s`."""
-    settings = OperatorSettings(
-        kubeconfig=cluster.kubeconfig,
-        peering=PeeringSettings(standalone=True),
-        timing=TimingSettings(reconcile_interval_s=interval_s),
-        webhook=WebhookSettings(enabled=False),
-    )
-    stop, ready = threading.Event(), threading.Event()
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            asyncio.run(runner.serve(settings, stop_flag=stop, ready_flag=ready, clock=clock))
-        except BaseException as exc:  # reported by the benchmark's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=serve, name="operator")
-    thread.start()
-    try:
-        while not (ready.wait(timeout=0.1) or failure):
-            pass
-        if failure:
-            raise failure[0]
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=120)
-    if failure:
-        raise failure[0]
-
-
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -455,7 +412,10 @@ def run(
         with contextlib.ExitStack() as operator:
 
             def start() -> None:
-                operator.enter_context(operating(cluster, clock, interval_s))
+                running = operators.running_operator(
+                    cluster, clock=clock, reconcile_interval_s=interval_s
+                )
+                operator.enter_context(running)
 
             steps.append(wait_for(cluster, Step("booked"), is_booked, start, deadline_s))
             if steps[-1].finished:

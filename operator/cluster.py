@@ -12,7 +12,7 @@ Not here: decisions (operator/booking.py, operator/placement.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 

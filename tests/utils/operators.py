@@ -95,12 +95,13 @@ def running_operator(
     peering: str | None = None,
     webhook: WebhookSettings | None = None,
     api: tuple[httpx.Client, Path] | None = None,
+    reconcile_interval_s: float = 1.0,
 ) -> Iterator[None]:
     """The operator against `cluster` until the block ends: standalone, or sharing the
     peering object `peering` (which must exist), as the chart runs it; with the admission
     webhook `webhook`, else without one (no port bound); reaching the gpudelivery API through
     the client `api` with the key in the file beside it (mirroring and reporting every
-    second), else without an API."""
+    second), else without an API; passing over each pool every `reconcile_interval_s`."""
     api_settings = ApiSettings()
     if api is not None:
         api_settings = ApiSettings(url=str(api[0].base_url), token_file=api[1], sync_interval_s=1.0)
@@ -109,7 +110,7 @@ def running_operator(
         peering=PeeringSettings(standalone=True)
         if peering is None
         else PeeringSettings(name=peering, standalone=False),
-        timing=TimingSettings(reconcile_interval_s=1.0),
+        timing=TimingSettings(reconcile_interval_s=reconcile_interval_s),
         webhook=WebhookSettings(enabled=False) if webhook is None else webhook,
         api=api_settings,
     )
