@@ -16,7 +16,7 @@ and the placement time per pool.
 Delivery at scale (bench/operator_at_scale.py): the real operator books, prepares and
 delivers the contracts of 20 pools of 250 nodes against the cluster emulator over HTTP, the
 emulator and the operator sharing this process. `--scale` takes a share of the pools (each
-keeps its 250 nodes and 50 contracts); the default is the issue's size, about seven minutes
+keeps its 250 nodes and 50 contracts); the default is the issue's size, four to six minutes
 on the 2-core development machine. `--profile` prints where each thread's CPU went.
 """
 
