@@ -423,7 +423,7 @@ def wait_until_the_webhook_is_gone(cluster: Cluster) -> None:
     def serving(webhook: Mapping[str, Any]) -> bool:
         try:
             admitted(webhook, pod(), "1")
-        except httpx.ConnectError:
+        except httpx.TransportError:  # refused, or cut off by the server shutting down
             return False
         return True
 
