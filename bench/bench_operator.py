@@ -23,6 +23,7 @@ on the 2-core development machine. `--profile` prints where each thread's CPU we
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import random
 import time
@@ -194,11 +195,8 @@ def main() -> None:
         figures = bench_small(200 if options.quick else SMALL_INSTANCES) | bench_full()
         report.print_figures("operator: placement quality", figures)
     if options.part in ("delivery", "all"):
-        shape = operator_at_scale.Shape(
-            pools=max(1, round(POOLS * options.scale)),
-            nodes_per_pool=NODES_PER_POOL,
-            contracts_per_pool=CONTRACTS_PER_POOL,
-        )
+        issue = operator_at_scale.Shape()
+        shape = dataclasses.replace(issue, pools=max(1, round(issue.pools * options.scale)))
         figures = operator_at_scale.run(shape, interval_s=options.interval, profile=options.profile)
         report.print_figures("operator: delivery at scale", figures)
 

@@ -117,7 +117,7 @@ class _Pass:
         self.bare: dict[str, claims.NodeFacts] = {}
         for name, node in found.items():
             self.put_node(name, node)
-        self.held: dict[str, tuple[str, ...]] = {}
+        self._held: dict[str, tuple[str, ...]] = {}
         self._holders: dict[str, set[str]] = {}
         for contract, listed in held.items():
             self.hold(contract, listed)
@@ -139,9 +139,9 @@ class _Pass:
 
     def hold(self, contract: str, listed: tuple[str, ...]) -> None:
         """The nodes `contract`'s status now lists."""
-        for name in self.held.get(contract, ()):
+        for name in self._held.get(contract, ()):
             self._holders.get(name, set()).discard(contract)
-        self.held[contract] = listed
+        self._held[contract] = listed
         for name in listed:
             self._holders.setdefault(name, set()).add(contract)
 

@@ -324,10 +324,8 @@ class ObjectStore(kmock.KubernetesEmulator):
             if key in self.objects:
                 self.objects[key].history.append(new)
             else:
-                self._keys_of(resource)  # indexed up to now
                 self.objects[key] = new
-                self._keys.setdefault(resource, set()).add(key)
-                self._indexed += 1
+                self._index(key)
             change = watches.Change(revision, "ADDED" if old is None else "MODIFIED", new, old)
         self._log.record(resource, change)
         return change.obj
@@ -358,9 +356,16 @@ class ObjectStore(kmock.KubernetesEmulator):
         live = [(key, objects[key].raw) for key in keys if not objects[key].deleted]
         return sorted(live, key=lambda item: (item[0][1] or "", item[0][2]))
 
+    def _index(self, key: Key) -> None:
+        """Index a key the store has just added (when the index was whole before it; if not,
+        `_keys_of` indexes everything at the next read)."""
+        if len(self.objects) == self._indexed + 1:
+            self._keys.setdefault(key[0], set()).add(key)
+            self._indexed += 1
+
     def _keys_of(self, resource: kmock.resource) -> set[Key]:
         """The keys stored for `resource`, deleted ones included. The store adds each new key
-        to the index (`_commit`); the store never removes a key (a deletion marks it), so a
+        to the index (`_index`); the store never removes a key (a deletion marks it), so a
         count that differs means a key stored or removed some other way (a test writing to
         kmock's `objects`): everything is indexed again then."""
         if len(self.objects) != self._indexed:
